@@ -1,0 +1,22 @@
+# accel-dp developer tasks. `make install` then `accel-dp run gpt-pretrain` is the whole quickstart.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+# Tests never touch the network: the Hugging Face Hub is unreachable on CI and stalls for ~50 s per call.
+TEST_ENV = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+
+.PHONY: install test lint bench
+
+install:
+	# torch first, pinned, so that no dependency pulls a newer build with gigabytes of CUDA.
+	$(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
+	$(PYTHON) -m pip install -e ".[dev]"
+
+test:
+	$(TEST_ENV) $(PYTHON) -m pytest -q tests
+
+lint:
+	$(PYTHON) -m ruff check accel_dp recipes tests benchmarks
+	$(PYTHON) -m ruff format --check accel_dp recipes tests benchmarks
+
+bench:
+	$(TEST_ENV) $(PYTHON) benchmarks/nanogpt_cpu.py

@@ -1,0 +1,98 @@
+"""Shared fixtures: the repository's paths, recipe loading, isolation of accelerate's global state.
+
+Every test runs offline: the Hugging Face Hub is unreachable on CI and a hub call stalls for up to 50 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "recipes"
+CONFIGS_DIR = REPO_ROOT / "accelerate_configs"
+DATA_DIR = REPO_ROOT / "data"
+SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"
+
+
+def load_recipe(name: str):
+    """Import a recipe script (recipes/<name>.py) as a module, the way a test calls its `main(argv)`."""
+    path = RECIPES_DIR / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; a test that made an Accelerator must not leak it into the
+    next one (children of `debug_launcher` would inherit it and silently run as one process)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a child process: offline, one thread each (2 cores shared by 2 ranks), no GPU."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="offline",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_and_record(recipe: str, args: list[str], record_dir: Path, num_processes: int = 2, timeout: float = 300):
+    """Run a recipe on `num_processes` real CPU processes (torchrun, gloo), each saving its final parameters to
+    record_dir/rank<i>.pt. Returns (completed process, list of records in rank order).
+
+    Real processes, not accelerate's debug_launcher: that forks, and a fork taken after this test process has
+    used OpenMP (any earlier in-process training) hangs in the children."""
+    import subprocess
+    import torch
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(REPO_ROOT / "tests" / "record_final_parameters.py"), str(record_dir), recipe, *args,
+    ]  # fmt: skip
+    completed = subprocess.run(
+        command, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout
+    )
+    records = [
+        torch.load(record_dir / f"rank{rank}.pt") for rank in range(num_processes) if (record_dir / f"rank{rank}.pt").exists()
+    ]
+    return completed, records
