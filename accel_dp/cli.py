@@ -1,0 +1,132 @@
+"""The `accel-dp` command line: list and copy recipes, list configs, launch a recipe on any topology."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .configs import describe_config, list_configs
+from .errors import UsageError
+from .launch import RunOptions, build_launch, detect_gpus, run_launch
+from .recipes import get_recipe, list_recipes
+
+app = typer.Typer(
+    help="Data-parallel language-model training recipes on Hugging Face Accelerate.\n\n"
+    "Example: accel-dp run gpt-pretrain --cpu --procs 2 -- --max_train_steps 200",
+    no_args_is_help=True,
+    add_completion=True,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    err_console.print(f"error: {message}", style="red", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        console.print(f"accel-dp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    """Data-parallel language-model training recipes on Hugging Face Accelerate."""
+
+
+@app.command("list")
+def list_command() -> None:
+    """List the recipes. Example: accel-dp list"""
+    table = Table("recipe", "what it does", box=None, header_style="bold")
+    for recipe in list_recipes():
+        table.add_row(recipe.name, recipe.description)
+    console.print(table)
+
+
+@app.command("configs")
+def configs_command() -> None:
+    """List the bundled accelerate configs and what each is for. Example: accel-dp configs"""
+    table = Table("config", "when to use it", box=None, header_style="bold")
+    for path in list_configs():
+        table.add_row(path.stem, describe_config(path))
+    console.print(table)
+
+
+@app.command("copy")
+def copy_command(
+    recipe: str = typer.Argument(..., help="Recipe name, e.g. gpt-pretrain."),
+    dest: Path = typer.Argument(..., help="A folder, or the file name to write."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Copy a recipe file into your own project; it is self-contained. Example: accel-dp copy gpt-pretrain ./train.py"""
+    try:
+        source = get_recipe(recipe).path
+    except UsageError as err:
+        fail(str(err))
+    target = dest / source.name if dest.is_dir() else dest
+    if target.exists() and not force:
+        fail(f"{target} already exists: choose another destination or pass --force")
+    if not target.parent.is_dir():
+        fail(f"folder {target.parent} does not exist: create it first")
+    shutil.copyfile(source, target)
+    console.print(f"copied {source.name} to {target}")
+
+
+@app.command(
+    "run",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def run_command(
+    ctx: typer.Context,
+    recipe: str = typer.Argument(..., help="Recipe name (see `accel-dp list`)."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs per node (default: all of this machine's)."),
+    cpu: bool = typer.Option(False, "--cpu", help="Run on CPU processes (gloo), even if GPUs are present."),
+    procs: Optional[int] = typer.Option(None, "--procs", help="CPU processes per node, with --cpu (default 1)."),
+    nodes: int = typer.Option(1, "--nodes", help="Number of machines."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This machine's rank, 0 to nodes-1."),
+    main_ip: Optional[str] = typer.Option(None, "--main-ip", help="Address of the node with rank 0."),
+    main_port: Optional[int] = typer.Option(None, "--main-port", help="Port on the main node (default 29500)."),
+    config: Optional[str] = typer.Option(None, "--config", help="A bundled config name (see `accel-dp configs`) or a YAML path."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16, fp16 (GPU only) or fp8."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the command and environment; run nothing."),
+) -> None:
+    """Launch a recipe. Arguments after `--` go to the recipe.
+
+    Examples: accel-dp run gpt-pretrain | accel-dp run gpt-pretrain --gpus 8 -- --model_size gpt2 |
+    accel-dp run glue-bert --cpu --procs 2 -- --task sst2
+    """
+    if mixed_precision is not None and mixed_precision not in ("no", "bf16", "fp16", "fp8"):
+        fail(f"--mixed-precision {mixed_precision!r} is not one of no, bf16, fp16, fp8")
+    options = RunOptions(
+        gpus=gpus, cpu=cpu, procs=procs, nodes=nodes, node_rank=node_rank, main_ip=main_ip, main_port=main_port,
+        config=config, mixed_precision=mixed_precision, grad_accum=grad_accum, recipe_args=tuple(ctx.args),
+    )
+    try:
+        recipe_path = get_recipe(recipe).path
+        # Without --gpus and --cpu, look at the machine; with --dry-run, assume it has what was asked for.
+        needs_machine = not cpu and not (dry_run and gpus is not None)
+        gpus_available = detect_gpus() if needs_machine else (gpus or 0)
+        launch = build_launch(recipe_path, options, gpus_available)
+    except UsageError as err:
+        fail(str(err))
+    if dry_run:
+        console.print(launch.shell_line(), highlight=False, soft_wrap=True)
+        return
+    hint = " (no GPU found; add --cpu --procs N for several CPU processes)" if gpus is None and not cpu and gpus_available == 0 else ""
+    err_console.print(f"accel-dp: running {launch.summary}{hint}", highlight=False, soft_wrap=True)
+    raise typer.Exit(run_launch(launch))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,121 @@
+"""Turn `accel-dp run` options into an `accelerate launch` command (pure), and run it (thin).
+
+The topology decides the config when none is given: cpu, multi_cpu, single_gpu, multi_gpu or multi_node from
+accelerate_configs/. The command-line flags then override the config's process counts and addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .configs import resolve_config
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the user asked for; None means "not given, decide from the machine"."""
+
+    gpus: int | None = None
+    cpu: bool = False
+    procs: int | None = None
+    nodes: int = 1
+    node_rank: int = 0
+    main_ip: str | None = None
+    main_port: int | None = None
+    config: str | None = None
+    mixed_precision: str | None = None
+    grad_accum: int | None = None
+    recipe_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)  # added to the caller's environment
+    summary: str = ""  # one line saying what will run, for the user
+
+    def shell_line(self) -> str:
+        assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        return " ".join([*assignments, shlex.join(self.argv)])
+
+
+def build_launch(recipe_path: Path, options: RunOptions, gpus_available: int, python: str = sys.executable) -> Launch:
+    """The exact `accelerate launch` command and environment for a recipe on the requested topology."""
+    on_cpu = options.cpu or (options.gpus is None and gpus_available == 0)
+    if options.cpu and options.gpus is not None:
+        raise UsageError("--gpus and --cpu contradict each other: drop one (--cpu --procs N runs N CPU processes)")
+    if options.procs is not None and not on_cpu:
+        raise UsageError("--procs counts CPU processes: add --cpu, or use --gpus N for GPU processes")
+    if options.nodes < 1:
+        raise UsageError(f"--nodes must be at least 1, got {options.nodes}")
+    if not 0 <= options.node_rank < options.nodes:
+        raise UsageError(f"--node-rank must be between 0 and {options.nodes - 1} for --nodes {options.nodes}")
+    if options.nodes > 1 and not options.main_ip:
+        raise UsageError("--nodes > 1 needs --main-ip, the address of the node with --node-rank 0")
+    if options.grad_accum is not None and options.grad_accum < 1:
+        raise UsageError(f"--grad-accum must be a positive integer, got {options.grad_accum}")
+    if options.mixed_precision == "fp16" and on_cpu:
+        raise UsageError("fp16 does nothing on CPU (accelerate silently ignores it): use --mixed-precision bf16")
+
+    if on_cpu:
+        per_node = options.procs if options.procs is not None else 1
+        if per_node < 1:
+            raise UsageError(f"--procs must be a positive integer, got {per_node}")
+        device_words = f"{per_node} CPU process{'es' if per_node > 1 else ''}"
+    else:
+        per_node = options.gpus if options.gpus is not None else gpus_available
+        if per_node < 1:
+            raise UsageError(f"--gpus must be a positive integer, got {per_node}")
+        if per_node > gpus_available:
+            raise UsageError(
+                f"--gpus {per_node} but this machine has {gpus_available} GPU(s): ask for at most {gpus_available}, "
+                "or add --dry-run to print the command for another machine"
+            )
+        device_words = f"{per_node} GPU{'s' if per_node > 1 else ''}"
+    total = per_node * options.nodes
+
+    if options.config is not None:
+        config = resolve_config(options.config)
+    elif options.nodes > 1:
+        config = resolve_config("multi_node")
+    elif on_cpu:
+        config = resolve_config("multi_cpu" if total > 1 else "cpu")
+    else:
+        config = resolve_config("multi_gpu" if total > 1 else "single_gpu")
+
+    argv = [python, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    argv += ["--num_processes", str(total), "--num_machines", str(options.nodes)]
+    if options.nodes > 1:
+        argv += ["--machine_rank", str(options.node_rank), "--main_process_ip", options.main_ip]
+    if options.main_port is not None or options.nodes > 1:
+        argv += ["--main_process_port", str(options.main_port if options.main_port is not None else 29500)]
+    if options.mixed_precision is not None:
+        argv += ["--mixed_precision", options.mixed_precision]
+    argv.append(str(recipe_path))
+    if options.grad_accum is not None:
+        argv += ["--gradient_accumulation_steps", str(options.grad_accum)]
+    argv += list(options.recipe_args)
+
+    # accelerate's documented CPU switch: with it, a multi-process launch runs gloo on CPU (without it, a
+    # machine with no GPU silently runs N unsynchronised copies).
+    env = {"ACCELERATE_USE_CPU": "1"} if on_cpu else {}
+    where = f" x {options.nodes} nodes (this is node {options.node_rank})" if options.nodes > 1 else ""
+    summary = f"{recipe_path.stem.replace('_', '-')} on {device_words}{where} with {config.name}"
+    return Launch(argv=argv, env=env, summary=summary)
+
+
+def detect_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def run_launch(launch: Launch) -> int:
+    """Run the command with the caller's environment plus the launch's; return the recipe's exit code."""
+    return subprocess.run(launch.argv, env={**os.environ, **launch.env}).returncode

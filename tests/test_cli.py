@@ -1,0 +1,114 @@
+"""The `accel-dp` commands as a user types them: listing, copying, dry runs and one-line errors."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import RECIPES_DIR, REPO_ROOT, subprocess_env
+from typer.testing import CliRunner
+
+from accel_dp import launch as launch_module
+from accel_dp.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(launch_module, "detect_gpus", lambda: 0)
+    monkeypatch.setattr("accel_dp.cli.detect_gpus", lambda: 0)
+
+
+def test_list_shows_every_recipe_with_its_docstring_line():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    for path in RECIPES_DIR.glob("*.py"):
+        first_line = ast.get_docstring(ast.parse(path.read_text())).splitlines()[0]
+        assert path.stem.replace("_", "-") in result.output
+        assert first_line.split()[0] in result.output
+
+
+def test_configs_lists_every_bundled_config():
+    result = runner.invoke(app, ["configs"])
+    assert result.exit_code == 0
+    for name in ("cpu", "multi_cpu", "single_gpu", "multi_gpu", "multi_node", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+        assert name in result.output
+
+
+def test_copy_writes_the_recipe_and_never_overwrites(tmp_path: Path):
+    result = runner.invoke(app, ["copy", "gpt-pretrain", str(tmp_path)])
+    assert result.exit_code == 0
+    copied = tmp_path / "gpt_pretrain.py"
+    assert copied.read_text() == (RECIPES_DIR / "gpt_pretrain.py").read_text()
+    copied.write_text("# my edits\n")
+    again = runner.invoke(app, ["copy", "gpt-pretrain", str(tmp_path)])
+    assert again.exit_code == 2
+    assert "already exists" in again.output
+    assert copied.read_text() == "# my edits\n"
+
+
+def test_dry_run_prints_the_command_and_passes_recipe_args_after_double_dash(no_gpu):
+    result = runner.invoke(app, ["run", "gpt-pretrain", "--cpu", "--procs", "2", "--dry-run", "--", "--max_train_steps", "7"])
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split())
+    assert line.startswith("ACCELERATE_USE_CPU=1 ")
+    assert "--num_processes 2" in line
+    assert line.endswith("gpt_pretrain.py --max_train_steps 7")
+
+
+def test_dry_run_may_ask_for_more_gpus_than_this_machine_has(no_gpu):
+    result = runner.invoke(app, ["run", "gpt-pretrain", "--gpus", "8", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "multi_gpu.yaml --num_processes 8" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "nope"], "unknown recipe 'nope': choose one of"),
+        (["run", "gpt-pretrain", "--gpus", "2"], "this machine has 0 GPU(s)"),
+        (["run", "gpt-pretrain", "--config", "missing"], "config 'missing' not found"),
+        (["run", "gpt-pretrain", "--mixed-precision", "fp16"], "use --mixed-precision bf16"),
+        (["run", "gpt-pretrain", "--mixed-precision", "fp32"], "is not one of no, bf16, fp16, fp8"),
+        (["copy", "nope", "."], "unknown recipe 'nope'"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(no_gpu, args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert text.startswith("error: ") and message in text
+    assert "Traceback" not in result.output
+
+
+def test_run_passes_the_recipe_exit_code_through(monkeypatch, no_gpu):
+    seen = {}
+
+    def fake_run(launch):
+        seen["argv"] = launch.argv
+        return 7
+
+    monkeypatch.setattr("accel_dp.cli.run_launch", fake_run)
+    result = runner.invoke(app, ["run", "gpt-pretrain", "--", "--max_train_steps", "1"])
+    assert result.exit_code == 7
+    assert seen["argv"][-2:] == ["--max_train_steps", "1"]
+    assert "running gpt-pretrain on 1 CPU process" in " ".join(result.output.split())
+
+
+def test_run_launch_returns_the_child_exit_code():
+    from accel_dp.launch import Launch, run_launch
+
+    assert run_launch(Launch(argv=[sys.executable, "-c", "import sys; sys.exit(3)"])) == 3
+
+
+def test_console_script_works_from_another_folder(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--dry-run"],
+        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert str(REPO_ROOT / "recipes" / "gpt_pretrain.py") in " ".join(result.stdout.split())

@@ -1,0 +1,108 @@
+"""`accel-dp run` builds the right `accelerate launch` command for each topology, and refuses bad requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import CONFIGS_DIR, RECIPES_DIR
+
+from accel_dp.errors import UsageError
+from accel_dp.launch import RunOptions, build_launch
+
+RECIPE = RECIPES_DIR / "gpt_pretrain.py"
+
+
+def build(gpus_available: int = 0, **options):
+    return build_launch(RECIPE, RunOptions(**options), gpus_available=gpus_available, python="python")
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    """The value given to a launcher flag (only flags before the recipe path belong to the launcher)."""
+    launcher_args = argv[: argv.index(str(RECIPE))]
+    return launcher_args[launcher_args.index(name) + 1] if name in launcher_args else None
+
+
+def recipe_args(argv: list[str]) -> list[str]:
+    return argv[argv.index(str(RECIPE)) + 1 :]
+
+
+def test_no_gpu_and_no_flags_runs_one_cpu_process():
+    launch = build(gpus_available=0)
+    assert launch.argv[:3] == ["python", "-m", "accelerate.commands.launch"]
+    assert flag(launch.argv, "--config_file") == str(CONFIGS_DIR / "cpu.yaml")
+    assert flag(launch.argv, "--num_processes") == "1"
+    assert launch.env == {"ACCELERATE_USE_CPU": "1"}
+    assert "1 CPU process" in launch.summary
+
+
+def test_gpu_machine_with_no_flags_uses_all_its_gpus():
+    launch = build(gpus_available=4)
+    assert flag(launch.argv, "--config_file") == str(CONFIGS_DIR / "multi_gpu.yaml")
+    assert flag(launch.argv, "--num_processes") == "4"
+    assert launch.env == {}
+
+
+def test_one_gpu_uses_the_single_gpu_config():
+    launch = build(gpus_available=8, gpus=1)
+    assert flag(launch.argv, "--config_file") == str(CONFIGS_DIR / "single_gpu.yaml")
+    assert flag(launch.argv, "--num_processes") == "1"
+
+
+def test_cpu_procs_uses_the_multi_cpu_config_and_the_cpu_switch():
+    # `accelerate launch --cpu --num_processes 2` silently runs one process: the launch must not use --cpu.
+    launch = build(cpu=True, procs=2, gpus_available=8)
+    assert "--cpu" not in launch.argv
+    assert flag(launch.argv, "--config_file") == str(CONFIGS_DIR / "multi_cpu.yaml")
+    assert flag(launch.argv, "--num_processes") == "2"
+    assert launch.env["ACCELERATE_USE_CPU"] == "1"
+
+
+def test_multi_node_passes_total_processes_rank_and_rendezvous_address():
+    launch = build(gpus_available=8, gpus=8, nodes=2, node_rank=1, main_ip="10.0.0.1", main_port=29555)
+    assert flag(launch.argv, "--config_file") == str(CONFIGS_DIR / "multi_node.yaml")
+    assert flag(launch.argv, "--num_processes") == "16"  # accelerate counts processes over all machines
+    assert flag(launch.argv, "--num_machines") == "2"
+    assert flag(launch.argv, "--machine_rank") == "1"
+    assert flag(launch.argv, "--main_process_ip") == "10.0.0.1"
+    assert flag(launch.argv, "--main_process_port") == "29555"
+
+
+def test_explicit_config_name_or_path_wins(tmp_path: Path):
+    assert flag(build(gpus_available=8, config="fsdp").argv, "--config_file") == str(CONFIGS_DIR / "fsdp.yaml")
+    own = tmp_path / "mine.yaml"
+    own.write_text("distributed_type: NO\n")
+    assert flag(build(gpus_available=8, config=str(own)).argv, "--config_file") == str(own.resolve())
+
+
+def test_mixed_precision_goes_to_the_launcher_and_grad_accum_to_the_recipe():
+    launch = build(gpus_available=2, mixed_precision="bf16", grad_accum=4, recipe_args=("--max_train_steps", "9"))
+    assert flag(launch.argv, "--mixed_precision") == "bf16"
+    assert recipe_args(launch.argv) == ["--gradient_accumulation_steps", "4", "--max_train_steps", "9"]
+
+
+def test_shell_line_shows_the_environment_then_the_command():
+    line = build(cpu=True, procs=2).shell_line()
+    assert line.startswith("ACCELERATE_USE_CPU=1 python -m accelerate.commands.launch ")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(gpus=2, gpus_available=1), "this machine has 1 GPU"),
+        (dict(cpu=True, mixed_precision="fp16"), "use --mixed-precision bf16"),
+        (dict(gpus_available=0, mixed_precision="fp16"), "fp16 does nothing on CPU"),
+        (dict(config="no-such-config"), "config 'no-such-config' not found"),
+        (dict(nodes=2), "needs --main-ip"),
+        (dict(nodes=2, node_rank=2, main_ip="h"), "--node-rank must be between 0 and 1"),
+        (dict(cpu=True, gpus=2), "contradict"),
+        (dict(procs=2, gpus_available=2), "add --cpu"),
+        (dict(cpu=True, procs=0), "--procs must be a positive integer"),
+        (dict(gpus=0, gpus_available=2), "--gpus must be a positive integer"),
+        (dict(grad_accum=0), "--grad-accum must be a positive integer"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_fix(options, message):
+    gpus_available = options.pop("gpus_available", 0)
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build(gpus_available=gpus_available, **options)
