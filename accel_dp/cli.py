@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -39,7 +38,9 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=version_callback, is_eager=True, help="Print the version."
+    ),
 ) -> None:
     """Data-parallel language-model training recipes on Hugging Face Accelerate."""
 
@@ -89,16 +90,18 @@ def copy_command(
 def run_command(
     ctx: typer.Context,
     recipe: str = typer.Argument(..., help="Recipe name (see `accel-dp list`)."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs per node (default: all of this machine's)."),
+    gpus: int | None = typer.Option(None, "--gpus", help="GPUs per node (default: all of this machine's)."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on CPU processes (gloo), even if GPUs are present."),
-    procs: Optional[int] = typer.Option(None, "--procs", help="CPU processes per node, with --cpu (default 1)."),
+    procs: int | None = typer.Option(None, "--procs", help="CPU processes per node, with --cpu (default 1)."),
     nodes: int = typer.Option(1, "--nodes", help="Number of machines."),
     node_rank: int = typer.Option(0, "--node-rank", help="This machine's rank, 0 to nodes-1."),
-    main_ip: Optional[str] = typer.Option(None, "--main-ip", help="Address of the node with rank 0."),
-    main_port: Optional[int] = typer.Option(None, "--main-port", help="Port on the main node (default 29500)."),
-    config: Optional[str] = typer.Option(None, "--config", help="A bundled config name (see `accel-dp configs`) or a YAML path."),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no, bf16, fp16 (GPU only) or fp8."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
+    main_ip: str | None = typer.Option(None, "--main-ip", help="Address of the node with rank 0."),
+    main_port: int | None = typer.Option(None, "--main-port", help="Port on the main node (default 29500)."),
+    config: str | None = typer.Option(
+        None, "--config", help="A bundled config name (see `accel-dp configs`) or a YAML path."
+    ),
+    mixed_precision: str | None = typer.Option(None, "--mixed-precision", help="no, bf16, fp16 (GPU only) or fp8."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command and environment; run nothing."),
 ) -> None:
     """Launch a recipe. Arguments after `--` go to the recipe.
@@ -109,8 +112,17 @@ def run_command(
     if mixed_precision is not None and mixed_precision not in ("no", "bf16", "fp16", "fp8"):
         fail(f"--mixed-precision {mixed_precision!r} is not one of no, bf16, fp16, fp8")
     options = RunOptions(
-        gpus=gpus, cpu=cpu, procs=procs, nodes=nodes, node_rank=node_rank, main_ip=main_ip, main_port=main_port,
-        config=config, mixed_precision=mixed_precision, grad_accum=grad_accum, recipe_args=tuple(ctx.args),
+        gpus=gpus,
+        cpu=cpu,
+        procs=procs,
+        nodes=nodes,
+        node_rank=node_rank,
+        main_ip=main_ip,
+        main_port=main_port,
+        config=config,
+        mixed_precision=mixed_precision,
+        grad_accum=grad_accum,
+        recipe_args=tuple(ctx.args),
     )
     try:
         recipe_path = get_recipe(recipe).path
@@ -123,7 +135,11 @@ def run_command(
     if dry_run:
         console.print(launch.shell_line(), highlight=False, soft_wrap=True)
         return
-    hint = " (no GPU found; add --cpu --procs N for several CPU processes)" if gpus is None and not cpu and gpus_available == 0 else ""
+    hint = (
+        " (no GPU found; add --cpu --procs N for several CPU processes)"
+        if gpus is None and not cpu and gpus_available == 0
+        else ""
+    )
     err_console.print(f"accel-dp: running {launch.summary}{hint}", highlight=False, soft_wrap=True)
     raise typer.Exit(run_launch(launch))
 

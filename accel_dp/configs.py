@@ -29,4 +29,6 @@ def resolve_config(name_or_path: str, directory: Path | None = None) -> Path:
     if bundled.is_file():
         return bundled
     known = ", ".join(p.stem for p in list_configs(directory))
-    raise UsageError(f"config {name_or_path!r} not found: give a YAML file path or one of {known} (see `accel-dp configs`)")
+    raise UsageError(
+        f"config {name_or_path!r} not found: give a YAML file path or one of {known} (see `accel-dp configs`)"
+    )

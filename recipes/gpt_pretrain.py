@@ -109,8 +109,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--prompt", default="\n", help="Prompt of the generated sample.")
     args = parser.parse_args(argv)
 
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_train_steps", "eval_every",
-                 "eval_iters", "log_every"):
+    for name in (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "eval_every",
+        "eval_iters",
+        "log_every",
+    ):
         if getattr(args, name) < 1:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.per_device_eval_batch_size is not None and args.per_device_eval_batch_size < 1:
@@ -169,7 +175,9 @@ def load_documents(args) -> tuple[list[str], list[str] | None]:
         if "train" not in raw:
             fail(f"dataset {args.dataset_name} has no 'train' split (it has {list(raw)})")
         if args.text_column not in raw["train"].column_names:
-            fail(f"dataset has no column {args.text_column!r}; choose one of {raw['train'].column_names} with --text_column")
+            fail(
+                f"dataset has no column {args.text_column!r}; choose one of {raw['train'].column_names} with --text_column"
+            )
         validation = next((raw[s][args.text_column] for s in ("validation", "test") if s in raw), None)
         return raw["train"][args.text_column], validation
     validation = read_text_files(args.validation_file) if args.validation_file else None
@@ -219,8 +227,12 @@ def prepare_token_cache(args, accelerator) -> tuple[Path, dict]:
     The key covers the corpus and the tokenizer, so a change to either makes a new entry. The entry is built in
     a temporary folder and renamed into place, so an interrupted build never leaves a half-written cache."""
     tokenizer_spec = args.tokenizer or (args.model_name_or_path if args.model_name_or_path else "char")
-    key_source = {"v": CACHE_FORMAT_VERSION, "tokenizer": tokenizer_spec, "data": corpus_sources(args),
-                  "validation_split_fraction": args.validation_split_fraction if not args.validation_file else None}
+    key_source = {
+        "v": CACHE_FORMAT_VERSION,
+        "tokenizer": tokenizer_spec,
+        "data": corpus_sources(args),
+        "validation_split_fraction": args.validation_split_fraction if not args.validation_file else None,
+    }
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:16]
     cache_root = Path(args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "accel-dp", "tokens"))
     entry = cache_root / key
@@ -243,8 +255,13 @@ def prepare_token_cache(args, accelerator) -> tuple[Path, dict]:
             train_ids.tofile(staging / "train.bin")
             val_ids.tofile(staging / "val.bin")
             tokenizer.save_pretrained(staging / "tokenizer")
-            meta = {"dtype": np.dtype(dtype).name, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
-                    "vocab_size": len(tokenizer), "source": key_source}
+            meta = {
+                "dtype": np.dtype(dtype).name,
+                "train_tokens": len(train_ids),
+                "val_tokens": len(val_ids),
+                "vocab_size": len(tokenizer),
+                "source": key_source,
+            }
             (staging / "meta.json").write_text(json.dumps(meta, indent=1))
             try:
                 staging.rename(entry)
@@ -326,14 +343,20 @@ def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------------------------------------- model
     set_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's at prepare)
     if args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, attn_implementation=args.attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_name_or_path, attn_implementation=args.attn_implementation
+        )
         max_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
         block_size = args.block_size or max_positions
         if block_size > max_positions:
-            fail(f"--block_size {block_size} exceeds the model's {max_positions} positions: use at most {max_positions}")
+            fail(
+                f"--block_size {block_size} exceeds the model's {max_positions} positions: use at most {max_positions}"
+            )
         if len(tokenizer) > model.config.vocab_size:
-            fail(f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: "
-                 "pass the model's own tokenizer with --tokenizer")
+            fail(
+                f"the tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: "
+                "pass the model's own tokenizer with --tokenizer"
+            )
     else:
         shape = {k: v for k, v in MODEL_PRESETS[args.model_size].items()}
         shape.update({k: getattr(args, k) for k in shape if getattr(args, k) is not None})
@@ -341,9 +364,16 @@ def main(argv: list[str] | None = None) -> dict:
             fail(f"--n_embd {shape['n_embd']} must be divisible by --n_head {shape['n_head']}")
         block_size = shape["block_size"]
         config = GPT2Config(
-            vocab_size=len(tokenizer), n_positions=block_size, n_embd=shape["n_embd"], n_layer=shape["n_layer"],
-            n_head=shape["n_head"], resid_pdrop=shape["dropout"], embd_pdrop=shape["dropout"],
-            attn_pdrop=shape["dropout"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            n_positions=block_size,
+            n_embd=shape["n_embd"],
+            n_layer=shape["n_layer"],
+            n_head=shape["n_head"],
+            resid_pdrop=shape["dropout"],
+            embd_pdrop=shape["dropout"],
+            attn_pdrop=shape["dropout"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation)
     if block_size < 1:
@@ -351,8 +381,10 @@ def main(argv: list[str] | None = None) -> dict:
     num_parameters = sum(p.numel() for p in model.parameters())
     for name, tokens in (("training", train_tokens), ("validation", val_tokens)):
         if len(tokens) <= block_size:
-            fail(f"the {name} data has {len(tokens)} tokens, fewer than one block of {block_size} + 1: "
-                 "give more text or a smaller --block_size")
+            fail(
+                f"the {name} data has {len(tokens)} tokens, fewer than one block of {block_size} + 1: "
+                "give more text or a smaller --block_size"
+            )
 
     # Training samples: windows at random offsets drawn with replacement (nanoGPT's sampling), from one seeded
     # generator, so the sequence of global batches is the same whatever the number of processes. accelerate
@@ -360,10 +392,14 @@ def main(argv: list[str] | None = None) -> dict:
     global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     train_windows = TokenWindows(train_tokens, block_size)
     sampler = torch.utils.data.RandomSampler(
-        train_windows, replacement=True, num_samples=args.max_train_steps * global_batch_size,
+        train_windows,
+        replacement=True,
+        num_samples=args.max_train_steps * global_batch_size,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    train_loader = torch.utils.data.DataLoader(train_windows, batch_size=args.per_device_train_batch_size, sampler=sampler)
+    train_loader = torch.utils.data.DataLoader(
+        train_windows, batch_size=args.per_device_train_batch_size, sampler=sampler
+    )
     # Validation: a fixed, evenly spaced set of eval_iters batches, shared out among the processes.
     eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
     starts = np.linspace(0, len(val_tokens) - block_size - 1, num=args.eval_iters * eval_batch_size).astype(np.int64)
@@ -373,9 +409,12 @@ def main(argv: list[str] | None = None) -> dict:
     # Weight decay on matrices (2-D weights) only; biases and LayerNorm parameters are not decayed.
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in parameters if p.dim() >= 2], "weight_decay": args.weight_decay},
-         {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0}],
-        lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        [
+            {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": args.weight_decay},
+            {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
     )
     min_lr = args.min_learning_rate if args.min_learning_rate is not None else args.learning_rate / 10
     lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
@@ -407,9 +446,11 @@ def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------------------------------------- loop
     tokens_per_step = global_batch_size * block_size
     if is_main:
-        progress_note = (f"{accelerator.num_processes} process(es) on {accelerator.device}, "
-                         f"{num_parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, "
-                         f"global batch {global_batch_size} x {block_size} tokens, {args.max_train_steps} steps")
+        progress_note = (
+            f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+            f"{num_parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, "
+            f"global batch {global_batch_size} x {block_size} tokens, {args.max_train_steps} steps"
+        )
         print(f"gpt-pretrain: {progress_note}", flush=True)
     progress = tqdm(total=args.max_train_steps, disable=not is_main, desc="train", mininterval=1.0, dynamic_ncols=True)
     model.train()
@@ -437,19 +478,27 @@ def main(argv: list[str] | None = None) -> dict:
             # The mean over all processes is the loss of the whole global batch.
             train_loss = accelerator.reduce(window_loss, reduction="mean").item()
             if not math.isfinite(train_loss):
-                fail(f"the training loss became {train_loss} at step {completed_steps}: lower --learning_rate "
-                     "or use --mixed_precision bf16 instead of fp16")
+                fail(
+                    f"the training loss became {train_loss} at step {completed_steps}: lower --learning_rate "
+                    "or use --mixed_precision bf16 instead of fp16"
+                )
             now = time.perf_counter()
             steps_in_interval = completed_steps % args.log_every or args.log_every
-            record = {"step": completed_steps, "loss": train_loss, "lr": lr_scheduler.get_last_lr()[0],
-                      "tokens_per_second": steps_in_interval * tokens_per_step / (now - interval_start),
-                      "elapsed_s": now - start_time}
+            record = {
+                "step": completed_steps,
+                "loss": train_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "tokens_per_second": steps_in_interval * tokens_per_step / (now - interval_start),
+                "elapsed_s": now - start_time,
+            }
             interval_start = now
             log(record)
             progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
             if is_main:
-                progress.write(f"step {completed_steps:>6} | loss {train_loss:.4f} | lr {record['lr']:.3e} | "
-                               f"{record['tokens_per_second']:,.0f} tok/s | {record['elapsed_s']:.1f}s")
+                progress.write(
+                    f"step {completed_steps:>6} | loss {train_loss:.4f} | lr {record['lr']:.3e} | "
+                    f"{record['tokens_per_second']:,.0f} tok/s | {record['elapsed_s']:.1f}s"
+                )
         window_loss.zero_()
         if completed_steps % args.eval_every == 0 or completed_steps == args.max_train_steps:
             eval_start = time.perf_counter()
@@ -484,8 +533,10 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         tokenizer.save_pretrained(output_dir)
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(f"gpt-pretrain: final val loss {eval_loss:.4f}, train loss {train_loss:.4f}, "
-              f"{results['tokens_per_second']:,.0f} tok/s, {train_runtime:.1f}s training; saved to {output_dir}")
+        print(
+            f"gpt-pretrain: final val loss {eval_loss:.4f}, train loss {train_loss:.4f}, "
+            f"{results['tokens_per_second']:,.0f} tok/s, {train_runtime:.1f}s training; saved to {output_dir}"
+        )
         if args.sample_tokens > 0:
             # A short sample from the trained model, so you can see what it learned.
             unwrapped.eval()
@@ -493,8 +544,12 @@ def main(argv: list[str] | None = None) -> dict:
             room = block_size - prompt["input_ids"].shape[1]  # the model has no positions beyond block_size
             with torch.no_grad(), accelerator.autocast():
                 generated = unwrapped.generate(
-                    **prompt, max_new_tokens=max(1, min(args.sample_tokens, room)), do_sample=True, top_k=200,
-                    temperature=0.8, pad_token_id=tokenizer.eos_token_id or 0,
+                    **prompt,
+                    max_new_tokens=max(1, min(args.sample_tokens, room)),
+                    do_sample=True,
+                    top_k=200,
+                    temperature=0.8,
+                    pad_token_id=tokenizer.eos_token_id or 0,
                 )
             sample = tokenizer.decode(generated[0], skip_special_tokens=True)
             (output_dir / "sample.txt").write_text(sample)

@@ -82,6 +82,7 @@ def launch_and_record(recipe: str, args: list[str], record_dir: Path, num_proces
     Real processes, not accelerate's debug_launcher: that forks, and a fork taken after this test process has
     used OpenMP (any earlier in-process training) hangs in the children."""
     import subprocess
+
     import torch
 
     command = [
@@ -93,6 +94,8 @@ def launch_and_record(recipe: str, args: list[str], record_dir: Path, num_proces
         command, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout
     )
     records = [
-        torch.load(record_dir / f"rank{rank}.pt") for rank in range(num_processes) if (record_dir / f"rank{rank}.pt").exists()
+        torch.load(record_dir / f"rank{rank}.pt")
+        for rank in range(num_processes)
+        if (record_dir / f"rank{rank}.pt").exists()
     ]
     return completed, records

@@ -35,7 +35,16 @@ def test_list_shows_every_recipe_with_its_docstring_line():
 def test_configs_lists_every_bundled_config():
     result = runner.invoke(app, ["configs"])
     assert result.exit_code == 0
-    for name in ("cpu", "multi_cpu", "single_gpu", "multi_gpu", "multi_node", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+    for name in (
+        "cpu",
+        "multi_cpu",
+        "single_gpu",
+        "multi_gpu",
+        "multi_node",
+        "fsdp",
+        "deepspeed_zero2",
+        "deepspeed_zero3",
+    ):
         assert name in result.output
 
 
@@ -52,7 +61,9 @@ def test_copy_writes_the_recipe_and_never_overwrites(tmp_path: Path):
 
 
 def test_dry_run_prints_the_command_and_passes_recipe_args_after_double_dash(no_gpu):
-    result = runner.invoke(app, ["run", "gpt-pretrain", "--cpu", "--procs", "2", "--dry-run", "--", "--max_train_steps", "7"])
+    result = runner.invoke(
+        app, ["run", "gpt-pretrain", "--cpu", "--procs", "2", "--dry-run", "--", "--max_train_steps", "7"]
+    )
     assert result.exit_code == 0, result.output
     line = " ".join(result.output.split())
     assert line.startswith("ACCELERATE_USE_CPU=1 ")
@@ -108,7 +119,11 @@ def test_run_launch_returns_the_child_exit_code():
 def test_console_script_works_from_another_folder(tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--dry-run"],
-        cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert str(REPO_ROOT / "recipes" / "gpt_pretrain.py") in " ".join(result.stdout.split())

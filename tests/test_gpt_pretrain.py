@@ -128,16 +128,34 @@ def test_two_processes_end_with_identical_parameters_and_falling_loss(tmp_path, 
 @pytest.mark.slow
 def test_cli_launch_and_torchrun_give_two_processes_and_the_same_result(tmp_path, token_cache):
     """`accel-dp run --cpu --procs 2` (accelerate launch) and plain torchrun run the recipe identically."""
-    args = tiny_args(tmp_path / "cli", token_cache, "--max_train_steps", "10", "--eval_every", "10", "--sample_tokens", "0")
+    args = tiny_args(
+        tmp_path / "cli", token_cache, "--max_train_steps", "10", "--eval_every", "10", "--sample_tokens", "0"
+    )
     cli = subprocess.run(
         [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--procs", "2", "--", *args],
-        env=subprocess_env(), capture_output=True, text=True, timeout=240,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert cli.returncode == 0, cli.stderr[-3000:]
     args[args.index("--output_dir") + 1] = str(tmp_path / "torchrun")
     torchrun = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29511", str(RECIPE), *args],
-        env=subprocess_env(), capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29511",
+            str(RECIPE),
+            *args,
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     by_cli = json.loads((tmp_path / "cli" / "all_results.json").read_text())
@@ -198,5 +216,9 @@ def test_block_size_beyond_the_models_positions_is_refused(tmp_path, token_cache
     recipe = load_recipe("gpt_pretrain")
     recipe.main(tiny_args(tmp_path / "base", token_cache, "--max_train_steps", "1", "--sample_tokens", "0"))
     with pytest.raises(SystemExit):
-        recipe.main(tiny_args(tmp_path / "more", token_cache, "--model_name_or_path", str(tmp_path / "base"), "--block_size", "64"))
+        recipe.main(
+            tiny_args(
+                tmp_path / "more", token_cache, "--model_name_or_path", str(tmp_path / "base"), "--block_size", "64"
+            )
+        )
     assert "exceeds the model's 32 positions" in capsys.readouterr().err
