@@ -86,7 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train = parser.add_argument_group("training")
     train.add_argument("--per_device_train_batch_size", type=int, default=12)
     train.add_argument("--per_device_eval_batch_size", type=int, help="Default: the train batch size.")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_accumulation_steps", type=int, help="Default 1, or what --global_batch_size needs.")
+    train.add_argument(
+        "--global_batch_size",
+        type=int,
+        help="Sequences per optimizer step over all processes: sets the accumulation steps from the number of "
+        "processes (nanoGPT's rule), so 1 GPU and 8 GPUs optimise the same objective.",
+    )
     train.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps.")
     train.add_argument("--learning_rate", type=float, default=1e-3)
     train.add_argument("--min_learning_rate", type=float, help="End of the cosine decay; default learning_rate/10.")
@@ -109,18 +115,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--prompt", default="\n", help="Prompt of the generated sample.")
     args = parser.parse_args(argv)
 
-    for name in (
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "max_train_steps",
-        "eval_every",
-        "eval_iters",
-        "log_every",
-    ):
-        if getattr(args, name) < 1:
+    positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "global_batch_size", "max_train_steps", "eval_every", "eval_iters", "log_every")  # fmt: skip
+    for name in positive:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.per_device_eval_batch_size is not None and args.per_device_eval_batch_size < 1:
-        fail(f"--per_device_eval_batch_size must be a positive integer, got {args.per_device_eval_batch_size}")
     if not 0.0 < args.validation_split_fraction < 1.0:
         fail(f"--validation_split_fraction must be between 0 and 1, got {args.validation_split_fraction}")
     if args.train_file and args.dataset_name:
@@ -299,6 +298,30 @@ def main(argv: list[str] | None = None) -> dict:
     # On a machine without a GPU, several processes (torchrun, or accelerate launch --multi_gpu) must run on CPU
     # over gloo; without cpu=True accelerate would silently run N unsynchronised single-process copies.
     world_size_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+        # accelerate's single-process launcher sets MASTER_ADDR when asked for several processes, and starts one.
+        fail(
+            "accelerate launch was asked for several processes but started only this one (`--cpu` and MULTI_CPU "
+            "configs do that): use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` or "
+            "`accel-dp run gpt-pretrain --cpu --procs N` (or unset MASTER_ADDR to run one process)"
+        )
+    # nanoGPT's rule: a fixed global batch is reached with fewer accumulation steps on more processes.
+    per_device_step = args.per_device_train_batch_size * world_size_env
+    if args.global_batch_size is not None:
+        if args.global_batch_size % per_device_step:
+            fail(
+                f"--global_batch_size {args.global_batch_size} is not a multiple of per_device_train_batch_size x "
+                f"processes = {args.per_device_train_batch_size} x {world_size_env} = {per_device_step}: choose a "
+                f"multiple of {per_device_step} or another per-device batch size"
+            )
+        accumulation = args.global_batch_size // per_device_step
+        if args.gradient_accumulation_steps not in (None, accumulation):
+            fail(
+                f"--gradient_accumulation_steps {args.gradient_accumulation_steps} contradicts --global_batch_size "
+                f"{args.global_batch_size}, which needs {accumulation} on {world_size_env} process(es): give only one"
+            )
+        args.gradient_accumulation_steps = accumulation
+    args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
     use_cpu = args.cpu or (world_size_env > 1 and not torch.cuda.is_available())
     mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mixed_precision == "fp16" and (use_cpu or not torch.cuda.is_available()):

@@ -34,18 +34,21 @@ def load_recipe(name: str):
     return module
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; a test that made an Accelerator must not leak it into the
-    next one (children of `debug_launcher` would inherit it and silently run as one process)."""
+def reset_accelerate_state() -> None:
+    """Accelerate keeps process-wide singletons: reset them between two in-process recipe runs."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """A test that made an Accelerator must not leak its settings (precision, CPU) into the next one."""
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
 
 
 @pytest.fixture(scope="session")

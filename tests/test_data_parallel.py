@@ -1,0 +1,230 @@
+"""Data parallelism is exact: K processes at batch B compute what one process computes at batch K*B.
+
+Every multi-process test here runs real processes over gloo (torchrun or `accel-dp run`), bounded in time."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    RECIPES_DIR,
+    REPO_ROOT,
+    SHAKESPEARE,
+    free_port,
+    launch_and_record,
+    load_recipe,
+    reset_accelerate_state,
+    subprocess_env,
+)
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def gpt_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
+    """fp32, no dropout, a loss logged at every optimizer step, one evaluation at the end."""
+    return [
+        "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--dropout", "0",
+        "--max_train_steps", str(STEPS), "--learning_rate", "3e-3", "--num_warmup_steps", "2",
+        "--log_every", "1", "--eval_every", str(STEPS), "--eval_iters", "2", "--per_device_eval_batch_size", "4",
+        "--mixed_precision", "no", "--sample_tokens", "0", "--cache_dir", str(token_cache),
+        "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+
+
+def loss_curve(output_dir: Path) -> list[tuple[int, float, float]]:
+    lines = [json.loads(x) for x in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"]) for r in lines if "loss" in r]
+
+
+def saved_parameters(output_dir: Path) -> torch.Tensor:
+    """The saved model's parameters in the model's own order (tied weights appear once in the file)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def assert_same_curves(a: list, b: list) -> None:
+    assert [s for s, _, _ in a] == [s for s, _, _ in b] == list(range(1, STEPS + 1))
+    assert [lr for _, _, lr in a] == pytest.approx([lr for _, _, lr in b], rel=1e-12)
+    assert [loss for _, loss, _ in a] == pytest.approx([loss for _, loss, _ in b], abs=1e-5)
+
+
+def test_gpt_two_processes_one_big_batch_and_accumulation_end_at_the_same_parameters(tmp_path, token_cache):
+    recipe = load_recipe("gpt_pretrain")
+    # 1 process, batch 8.
+    recipe.main(gpt_args(tmp_path / "big", token_cache, "--per_device_train_batch_size", "8"))
+    reset_accelerate_state()
+    # 1 process, batch 4, and --global_batch_size 8 makes it accumulate 2 micro-batches.
+    accumulated = recipe.main(
+        gpt_args(tmp_path / "accum", token_cache, "--per_device_train_batch_size", "4", "--global_batch_size", "8")
+    )
+    assert accumulated["gradient_accumulation_steps"] == 2
+    # 2 processes, batch 4 each: the same global batch size 8 needs no accumulation.
+    args = gpt_args(tmp_path / "ddp", token_cache, "--per_device_train_batch_size", "4", "--global_batch_size", "8")
+    completed, records = launch_and_record("gpt_pretrain", args, tmp_path)
+    assert len(records) == 2, completed.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["gradient_accumulation_steps"] == 1
+
+    big = saved_parameters(tmp_path / "big")
+    assert (saved_parameters(tmp_path / "accum") - big).abs().max() <= 1e-5
+    assert (records[0]["parameters"] - big).abs().max() <= 1e-5
+    assert torch.equal(records[0]["parameters"], records[1]["parameters"])
+    assert (big - saved_parameters(tmp_path / "ddp")).abs().max() <= 1e-5
+    curve = loss_curve(tmp_path / "big")
+    assert_same_curves(loss_curve(tmp_path / "accum"), curve)
+    assert_same_curves(loss_curve(tmp_path / "ddp"), curve)  # the LR schedule does not run faster on 2 processes
+    assert curve[-1][1] < curve[0][1]
+
+
+def test_gpt_accumulation_all_reduces_only_at_optimizer_steps(tmp_path, token_cache):
+    accumulation, steps = 3, 4
+    args = gpt_args(tmp_path / "run", token_cache, "--per_device_train_batch_size", "2",
+                    "--gradient_accumulation_steps", str(accumulation), "--max_train_steps", str(steps))  # fmt: skip
+    completed, records = launch_and_record("gpt_pretrain", args, tmp_path)
+    assert len(records) == 2, completed.stderr[-3000:]
+    for record in records:
+        # One round over the buckets per optimizer step; none on the 2 micro-steps before each boundary.
+        assert record["allreduce_buckets"] >= 1
+        assert record["allreduce_calls"] == steps * record["allreduce_buckets"]
+        assert record["optimizer_steps"] == steps
+    # The schedule stepped once per optimizer step: it ends where a 4-step schedule ends, not 2 x 4 steps later.
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-3), 2, steps, min_lr=3e-4
+    )
+    for _ in range(steps):
+        schedule.step()
+    assert records[0]["last_lr"] == pytest.approx(schedule.get_last_lr()[0], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--per_device_train_batch_size", "4", "--global_batch_size", "10"], "not a multiple of"),
+        (["--per_device_train_batch_size", "4", "--global_batch_size", "8", "--gradient_accumulation_steps", "3"],
+         "contradicts --global_batch_size"),
+    ],
+)  # fmt: skip
+def test_gpt_global_batch_size_that_does_not_divide_is_refused(tmp_path, token_cache, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        load_recipe("gpt_pretrain").main(gpt_args(tmp_path / "run", token_cache, *extra))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_gpt_two_nodes_on_loopback_match_two_processes_on_one_node(tmp_path, token_cache):
+    """`accel-dp run --nodes 2 --node-rank 0|1 --main-ip 127.0.0.1`: two "machines" of one CPU process each."""
+    args = gpt_args(tmp_path / "nodes", token_cache, "--per_device_train_batch_size", "4")
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "accel_dp.cli",
+                "run",
+                "gpt-pretrain",
+                "--cpu",
+                "--nodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--main-ip",
+                "127.0.0.1",
+                "--main-port",
+                str(port),
+                "--",
+                *args,
+            ],
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [node.communicate(timeout=240)[0] for node in nodes]  # a missing peer fails here, never hangs
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert json.loads((tmp_path / "nodes" / "all_results.json").read_text())["world_size"] == 2
+
+    single = gpt_args(tmp_path / "single", token_cache, "--per_device_train_batch_size", "4")
+    completed, records = launch_and_record("gpt_pretrain", single, tmp_path)
+    assert len(records) == 2, completed.stderr[-3000:]
+    assert (saved_parameters(tmp_path / "nodes") - records[0]["parameters"]).abs().max() <= 1e-6
+    assert loss_curve(tmp_path / "nodes") == loss_curve(tmp_path / "single")
+
+
+def test_gpt_refuses_to_run_alone_when_launched_for_two_processes(tmp_path, token_cache):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process; the recipe says so instead of training."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--main_process_port", str(free_port()), str(RECIPES_DIR / "gpt_pretrain.py"),
+               *gpt_args(tmp_path / "run", token_cache)]  # fmt: skip
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "started only this one" in result.stderr and "--multi_gpu --num_processes N" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe", ["gpt_pretrain"])
+def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe):
+    source = RECIPES_DIR / f"{recipe}.py"
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    documented = {"torch", "accelerate", "transformers", "datasets", "tokenizers", "numpy", "tqdm"}
+    assert imported - set(sys.stdlib_module_names) <= documented
+
+    project = tmp_path / "my_project"
+    project.mkdir()
+    (project / source.name).write_text(source.read_text())
+    # accel_dp is installed in this environment: make importing it fail, as it would in the user's project.
+    blocker = (
+        "import sys, runpy\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'accel_dp': raise ImportError('accel_dp is not installed here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.argv = [{source.name!r}] + sys.argv[1:]\n"
+        f"runpy.run_path({source.name!r}, run_name='__main__')\n"
+    )
+    args = gpt_args(project / "out", token_cache, "--train_file", str(SHAKESPEARE), "--max_train_steps", "2")
+    env = subprocess_env(PYTHONPATH="")
+    result = subprocess.run([sys.executable, "-c", blocker, *args], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=180)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((project / "out" / "all_results.json").read_text())["optimizer_steps"] == 2
+    assert str(REPO_ROOT) not in result.stdout
+
+
+def test_gpt_bf16_on_cpu_really_changes_the_numbers_and_still_trains(tmp_path, token_cache):
+    recipe = load_recipe("gpt_pretrain")
+    fp32 = recipe.main(gpt_args(tmp_path / "fp32", token_cache, "--per_device_train_batch_size", "4"))
+    reset_accelerate_state()
+    bf16 = recipe.main(gpt_args(tmp_path / "bf16", token_cache, "--per_device_train_batch_size", "4",
+                                "--mixed_precision", "bf16"))  # fmt: skip
+    assert bf16["mixed_precision"] == "bf16"
+    assert bf16["eval_loss"] != fp32["eval_loss"]
+    assert abs(bf16["eval_loss"] - fp32["eval_loss"]) < 0.1
+    curve = loss_curve(tmp_path / "bf16")
+    assert curve[-1][1] < curve[0][1]
