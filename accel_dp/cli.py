@@ -74,11 +74,12 @@ def copy_command(
         source = get_recipe(recipe).path
     except UsageError as err:
         fail(str(err))
-    target = dest / source.name if dest.is_dir() else dest
+    # A destination that is not a .py file name is a folder, which must exist (never a file named like it).
+    target = dest if dest.suffix == ".py" and not dest.is_dir() else dest / source.name
+    if not target.parent.is_dir():
+        fail(f"folder {target.parent} does not exist: create it first (mkdir -p {target.parent})")
     if target.exists() and not force:
         fail(f"{target} already exists: choose another destination or pass --force")
-    if not target.parent.is_dir():
-        fail(f"folder {target.parent} does not exist: create it first")
     shutil.copyfile(source, target)
     console.print(f"copied {source.name} to {target}")
 

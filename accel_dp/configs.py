@@ -21,14 +21,33 @@ def describe_config(path: Path) -> str:
 
 
 def resolve_config(name_or_path: str, directory: Path | None = None) -> Path:
-    """A bundled config by name (`multi_gpu`, `multi_gpu.yaml`) or any YAML file by path."""
+    """A bundled config by name (`multi_gpu`, `multi_gpu.yaml`) or any YAML file by path.
+
+    Something that looks like a path (it has a folder part) is never swapped for a bundled file of that name."""
     candidate = Path(name_or_path).expanduser()
-    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+    if candidate.is_file():
         return candidate.resolve()
     bundled = (directory or configs_dir()) / f"{candidate.name.removesuffix('.yaml')}.yaml"
-    if bundled.is_file():
+    if len(candidate.parts) == 1 and bundled.is_file():
         return bundled
     known = ", ".join(p.stem for p in list_configs(directory))
     raise UsageError(
         f"config {name_or_path!r} not found: give a YAML file path or one of {known} (see `accel-dp configs`)"
     )
+
+
+def config_distributed_type(path: Path) -> str:
+    """The `distributed_type` a config asks for (NO, MULTI_GPU, FSDP, DEEPSPEED, ...)."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise UsageError(
+            f"config {path} is not valid YAML ({str(err).splitlines()[0]}): fix it or choose another"
+        ) from None
+    if not isinstance(loaded, dict) or "distributed_type" not in loaded:
+        raise UsageError(
+            f"config {path} has no distributed_type: it is not an accelerate config (see `accelerate config`)"
+        )
+    return str(loaded["distributed_type"]).upper()

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .configs import resolve_config
+from .configs import config_distributed_type, resolve_config
 from .errors import UsageError
 
 
@@ -60,6 +60,10 @@ def build_launch(recipe_path: Path, options: RunOptions, gpus_available: int, py
         raise UsageError("--nodes > 1 needs --main-ip, the address of the node with --node-rank 0")
     if options.grad_accum is not None and options.grad_accum < 1:
         raise UsageError(f"--grad-accum must be a positive integer, got {options.grad_accum}")
+    if options.grad_accum is not None and any(
+        a.startswith("--gradient_accumulation_steps") for a in options.recipe_args
+    ):
+        raise UsageError("--grad-accum and the recipe's --gradient_accumulation_steps both given: keep one")
     if options.mixed_precision == "fp16" and on_cpu:
         raise UsageError("fp16 does nothing on CPU (accelerate silently ignores it): use --mixed-precision bf16")
 
@@ -80,8 +84,17 @@ def build_launch(recipe_path: Path, options: RunOptions, gpus_available: int, py
         device_words = f"{per_node} GPU{'s' if per_node > 1 else ''}"
     total = per_node * options.nodes
 
+    # The user's own config keeps its process counts unless the topology flags say otherwise.
+    topology_given = options.gpus is not None or options.procs is not None or options.nodes > 1
     if options.config is not None:
         config = resolve_config(options.config)
+        distributed_type = config_distributed_type(config)
+        if distributed_type == "NO" and total > 1:
+            raise UsageError(f"{config.name} runs a single process but {total} were asked for: use "
+                             f"{'multi_cpu' if on_cpu else 'multi_gpu'} or another multi-process config")  # fmt: skip
+        if on_cpu and distributed_type in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise UsageError(f"{config.name} ({distributed_type}) needs GPUs: on CPU accelerate would silently run "
+                             "plain DDP instead; use --config multi_cpu")  # fmt: skip
     elif options.nodes > 1:
         config = resolve_config("multi_node")
     elif on_cpu:
@@ -90,7 +103,8 @@ def build_launch(recipe_path: Path, options: RunOptions, gpus_available: int, py
         config = resolve_config("multi_gpu" if total > 1 else "single_gpu")
 
     argv = [python, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    argv += ["--num_processes", str(total), "--num_machines", str(options.nodes)]
+    if options.config is None or topology_given:
+        argv += ["--num_processes", str(total), "--num_machines", str(options.nodes)]
     if options.nodes > 1:
         argv += ["--machine_rank", str(options.node_rank), "--main_process_ip", options.main_ip]
     if options.main_port is not None or options.nodes > 1:

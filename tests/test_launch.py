@@ -75,6 +75,18 @@ def test_explicit_config_name_or_path_wins(tmp_path: Path):
     assert flag(build(gpus_available=8, config=str(own)).argv, "--config_file") == str(own.resolve())
 
 
+def test_own_config_keeps_its_process_counts_unless_topology_flags_are_given(tmp_path: Path):
+    own = tmp_path / "four.yaml"
+    own.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\n")
+    assert flag(build(gpus_available=4, config=str(own)).argv, "--num_processes") is None
+    assert flag(build(gpus_available=4, config=str(own), gpus=2).argv, "--num_processes") == "2"
+
+
+def test_a_config_path_is_never_swapped_for_a_bundled_config_of_that_name(tmp_path: Path):
+    with pytest.raises(UsageError, match="not found"):
+        build(gpus_available=8, config=str(tmp_path / "multi_gpu.yaml"))
+
+
 def test_mixed_precision_goes_to_the_launcher_and_grad_accum_to_the_recipe():
     launch = build(gpus_available=2, mixed_precision="bf16", grad_accum=4, recipe_args=("--max_train_steps", "9"))
     assert flag(launch.argv, "--mixed_precision") == "bf16"
@@ -100,6 +112,10 @@ def test_shell_line_shows_the_environment_then_the_command():
         (dict(cpu=True, procs=0), "--procs must be a positive integer"),
         (dict(gpus=0, gpus_available=2), "--gpus must be a positive integer"),
         (dict(grad_accum=0), "--grad-accum must be a positive integer"),
+        (dict(grad_accum=2, recipe_args=("--gradient_accumulation_steps", "4")), "keep one"),
+        (dict(cpu=True, procs=2, config="cpu"), "cpu.yaml runs a single process but 2 were asked for"),
+        (dict(cpu=True, config="fsdp"), "needs GPUs"),
+        (dict(cpu=True, config="deepspeed_zero3"), "needs GPUs"),
     ],
 )
 def test_bad_requests_are_refused_with_a_fix(options, message):
