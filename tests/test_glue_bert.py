@@ -1,0 +1,355 @@
+"""recipes/glue_bert.py: world size, exact distributed evaluation, metrics, regression, bad input, LR schedule.
+
+Small slices of the bundled MRPC and SST-2, the default all-MiniLM-L6 model, a few optimizer steps each.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA_DIR, RECIPES_DIR, free_port, load_recipe, subprocess_env
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score
+
+MRPC = DATA_DIR / "glue" / "MRPC"
+SST2 = DATA_DIR / "glue" / "SST-2"
+LR = 1e-4
+SMALL = ["--max_train_samples", "64", "--max_eval_samples", "37", "--max_length", "64", "--learning_rate", str(LR)]
+SMALL += ["--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--log_every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """In-process runs use one thread: on a 2-core machine shared with another job, two OpenMP threads that
+    spin-wait for each other make these tiny runs 5-10 times slower; one thread costs little when idle."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def read_predictions(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return rows
+
+
+def dev_labels(folder, column, n):
+    with open(folder / "dev.tsv", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [int(r[column]) for r in rows[:n]]
+
+
+def check_outputs(out, results, task, label_column, folder, world_size):
+    """Every validation example evaluated once, in order, and the metrics recomputed from the saved file."""
+    on_disk = json.loads((out / "all_results.json").read_text())
+    assert on_disk == pytest.approx(results)
+    assert results["world_size"] == world_size
+    assert results["eval_samples"] == 37  # 37 = 2 x 8 x 2 + 5: does not divide by processes x batch size
+    rows = read_predictions(out / "eval_predictions.tsv")
+    assert [int(r["index"]) for r in rows] == list(range(37))
+    labels = [int(r["label"]) for r in rows]
+    assert labels == dev_labels(folder, label_column, 37)  # no duplicates, no drops, original order
+    preds = [int(r["prediction"]) for r in rows]
+    assert results["eval_accuracy"] == pytest.approx(accuracy_score(labels, preds))
+    if task == "mrpc":
+        assert results["eval_f1"] == pytest.approx(f1_score(labels, preds))
+
+
+def expected_lr(steps, warmup):
+    """transformers' linear schedule after `steps` scheduler steps."""
+    return LR * steps / warmup
+
+
+def test_one_process_mrpc(tmp_path):
+    recipe = load_recipe("glue_bert")
+    out = tmp_path / "run"
+    results = recipe.main([*SMALL, "--max_train_steps", "3", "--num_warmup_steps", "10", "--output_dir", str(out)])
+    check_outputs(out, results, "mrpc", "Quality", MRPC, world_size=1)
+    assert results["optimizer_steps"] == 3
+    assert results["final_learning_rate"] == pytest.approx(expected_lr(3, 10))
+    # The saved model and tokenizer load back, with the task's label names.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    assert model.config.id2label == {0: "not_equivalent", 1: "equivalent"}
+
+
+def test_one_process_sst2_gradient_accumulation(tmp_path):
+    # 64 examples / batch 8 = 8 micro-batches per epoch; accumulation 3 gives 3 optimizer steps per epoch (the
+    # last window is closed by the end of the epoch). 4 steps = 2 epochs. The scheduler must step 4 times.
+    recipe = load_recipe("glue_bert")
+    out = tmp_path / "run"
+    args = [*SMALL, "--task", "sst2", "--gradient_accumulation_steps", "3", "--max_train_steps", "4"]
+    results = recipe.main([*args, "--num_warmup_steps", "10", "--output_dir", str(out)])
+    check_outputs(out, results, "sst2", "label", SST2, world_size=1)
+    assert results["optimizer_steps"] == 4 and results["epochs"] == 2
+    assert results["final_learning_rate"] == pytest.approx(expected_lr(4, 10))
+
+
+@pytest.mark.slow
+def test_two_processes_mrpc(tmp_path):
+    # 64 examples over 2 processes at batch 8: 4 micro-batches per process per epoch, accumulation 2: 2 optimizer
+    # steps per epoch, so 3 steps = 2 epochs. accelerate's prepared scheduler would step 2 x 3 = 6 times.
+    # A real launch (about 12 s) rather than debug_launcher: forking a pytest process whose torch has already run
+    # (earlier tests) can hang OpenMP in the children, and debug_launcher's fixed port collides with other suites.
+    out = tmp_path / "run"
+    cmd = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPES_DIR / "glue_bert.py"), *SMALL]
+    cmd += [
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_train_steps",
+        "3",
+        "--num_warmup_steps",
+        "10",
+        "--output_dir",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    check_outputs(out, results, "mrpc", "Quality", MRPC, world_size=2)
+    assert results["optimizer_steps"] == 3 and results["epochs"] == 2
+    assert results["global_batch_size"] == 8 * 2 * 2
+    assert results["final_learning_rate"] == pytest.approx(expected_lr(3, 10))
+
+
+STSB_HEADER = "index genre filename year old_index source1 source2 sentence1 sentence2 score".split()
+
+
+def write_stsb(folder, n_train=24, n_dev=13):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    words = "the a cat dog runs sleeps on mat red blue big small house tree".split()
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        with open(folder / name, "w") as f:
+            f.write("\t".join(STSB_HEADER) + "\n")
+            for i in range(n):
+                a = " ".join(rng.choice(words, 6))
+                b = " ".join(rng.choice(words, 6))
+                score = round(float(rng.uniform(0, 5)), 3)
+                f.write(f'{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{a} "quoted\t{b}\t{score}\n')
+
+
+def test_stsb_regression(tmp_path):
+    data = tmp_path / "STS-B"
+    write_stsb(data)
+    recipe = load_recipe("glue_bert")
+    out = tmp_path / "run"
+    results = recipe.main(
+        [
+            "--task",
+            "stsb",
+            "--data_dir",
+            str(data),
+            "--max_train_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_length",
+            "32",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    assert set(results) >= {"eval_pearson", "eval_spearmanr", "eval_loss"}
+    assert results["eval_samples"] == 13
+    rows = read_predictions(out / "eval_predictions.tsv")
+    preds, labels = [float(r["prediction"]) for r in rows], [float(r["label"]) for r in rows]
+    assert results["eval_pearson"] == pytest.approx(pearsonr(preds, labels)[0], abs=1e-4)
+    assert results["eval_spearmanr"] == pytest.approx(spearmanr(preds, labels)[0], abs=1e-4)
+    assert results["eval_loss"] == pytest.approx(np.mean((np.array(preds) - np.array(labels)) ** 2), rel=1e-3)
+
+
+def expect_usage_error(capsys, argv, *fragments):
+    recipe = load_recipe("glue_bert")
+    with pytest.raises(SystemExit) as exc:
+        recipe.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err[0]
+
+
+def test_unknown_task_cli():
+    # The real command line: exit status 2 and exactly one line on stderr, no traceback.
+    proc = subprocess.run(
+        [sys.executable, str(RECIPES_DIR / "glue_bert.py"), "--task", "mrcp"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown task 'mrcp'; choose one of: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli"
+    ]
+
+
+def test_wrong_columns(tmp_path, capsys):
+    data = tmp_path / "RTE"
+    data.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (data / name).write_text("index\tpremise\thypothesis\tlabel\n0\ta\tb\tentailment\n")
+    expect_usage_error(
+        capsys,
+        ["--task", "rte", "--data_dir", str(data), "--output_dir", str(tmp_path / "o")],
+        "missing column",
+        "sentence1",
+    )
+
+
+def test_label_out_of_range(tmp_path, capsys):
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    (data / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t2\n")
+    (data / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    expect_usage_error(
+        capsys,
+        ["--task", "sst2", "--data_dir", str(data), "--output_dir", str(tmp_path / "o")],
+        "label '2'",
+        "train.tsv",
+    )
+
+
+def test_stsb_score_out_of_range(tmp_path, capsys):
+    data = tmp_path / "STS-B"
+    write_stsb(data)
+    with open(data / "dev.tsv", "a") as f:
+        f.write("99\tg\tf\t2012\t0099\tnone\tnone\ta\tb\t7.5\n")
+    expect_usage_error(
+        capsys, ["--task", "stsb", "--data_dir", str(data), "--output_dir", str(tmp_path / "o")], "outside [0, 5]"
+    )
+
+
+def test_csv_labels_by_name(tmp_path):
+    # CSV input, like run_glue_no_trainer: sentence1/sentence2 columns, labels spelled by name.
+    rows = [("a man runs", "a person runs", "entailment"), ("a cat sleeps", "a dog barks", "not_entailment")] * 8
+    for name in ("train.csv", "dev.csv"):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["sentence1", "sentence2", "label"])
+            w.writerows(rows)
+    recipe = load_recipe("glue_bert")
+    out = tmp_path / "run"
+    args = [
+        "--task",
+        "rte",
+        "--train_file",
+        str(tmp_path / "train.csv"),
+        "--validation_file",
+        str(tmp_path / "dev.csv"),
+    ]
+    results = recipe.main([*args, "--max_train_steps", "1", "--max_length", "16", "--output_dir", str(out)])
+    assert results["eval_samples"] == 16
+    assert [int(r["label"]) for r in read_predictions(out / "eval_predictions.tsv")] == [0, 1] * 8
+
+
+def test_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "all_results.json").write_text("{}")
+    expect_usage_error(capsys, ["--output_dir", str(out)], "not empty", "--overwrite_output_dir")
+
+
+def test_fp16_on_cpu_refused(tmp_path, capsys):
+    expect_usage_error(capsys, ["--mixed_precision", "fp16", "--output_dir", str(tmp_path / "o")], "fp16")
+
+
+def test_glue_metric_definitions():
+    recipe = load_recipe("glue_bert")
+    y, p = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 1])
+    assert recipe.glue_metrics("mrpc", p, y) == pytest.approx({"accuracy": 0.6, "f1": 2 / 3})
+    assert set(recipe.glue_metrics("cola", p, y)) == {"matthews_correlation"}
+    assert set(recipe.glue_metrics("stsb", p.astype(float), y.astype(float))) == {"pearson", "spearmanr"}
+
+
+def test_mnli_matched_and_mismatched(tmp_path):
+    # GLUE's MNLI layout: train has one annotator label, dev five; gold_label is the last column either way.
+    data = tmp_path / "MNLI"
+    data.mkdir()
+    head = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\tsentence1\tsentence2"
+    gold = ["entailment", "neutral", "contradiction"]
+    (data / "train.tsv").write_text(
+        head
+        + "\tlabel1\tgold_label\n"
+        + "".join(f"{i}\tp\tq\tg\tx\tx\tx\tx\tA man sits {i}.\tA person sits.\tl\t{gold[i % 3]}\n" for i in range(12))
+    )
+    for name, n in (("dev_matched.tsv", 7), ("dev_mismatched.tsv", 5)):
+        rows = "".join(
+            f'{i}\tp\tq\tg\tx\tx\tx\tx\tShe said "hi.\tShe spoke.\tl\tl\tl\tl\tl\t{gold[i % 3]}\n' for i in range(n)
+        )
+        (data / name).write_text(head + "\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label\n" + rows)
+    recipe = load_recipe("glue_bert")
+    out = tmp_path / "run"
+    results = recipe.main(
+        [
+            "--task",
+            "mnli",
+            "--data_dir",
+            str(data),
+            "--max_train_steps",
+            "1",
+            "--max_length",
+            "32",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    assert results["eval_samples"] == 7 and results["eval_samples_mm"] == 5
+    assert {"eval_accuracy", "eval_accuracy_mm"} <= set(results)
+    mm = read_predictions(out / "eval_predictions_mm.tsv")
+    assert [int(r["label"]) for r in mm] == [0, 1, 2, 0, 1]
+    assert results["eval_accuracy_mm"] == pytest.approx(
+        accuracy_score([int(r["label"]) for r in mm], [int(r["prediction"]) for r in mm])
+    )
+
+
+def test_cola_without_header(tmp_path):
+    data = tmp_path / "CoLA"
+    data.mkdir()
+    for name, n in (("train.tsv", 10), ("dev.tsv", 6)):
+        (data / name).write_text(
+            "".join(f'gj04\t{i % 2}\t{"" if i % 2 else "*"}\tThe cat sat {i} "times.\n' for i in range(n))
+        )
+    recipe = load_recipe("glue_bert")
+    results = recipe.main(
+        [
+            "--task",
+            "cola",
+            "--data_dir",
+            str(data),
+            "--max_train_steps",
+            "1",
+            "--max_length",
+            "32",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert results["eval_samples"] == 6 and "eval_matthews_correlation" in results
