@@ -122,8 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if not 0.0 < args.validation_split_fraction < 1.0:
         fail(f"--validation_split_fraction must be between 0 and 1, got {args.validation_split_fraction}")
-    if args.train_file and args.dataset_name:
-        fail("give either --train_file or --dataset_name, not both")
+    if args.dataset_name and (args.train_file or args.validation_file):
+        fail("give either --train_file/--validation_file or --dataset_name, not both")
+    if args.model_name_or_path and any(
+        getattr(args, k) is not None for k in ("n_layer", "n_head", "n_embd", "dropout")
+    ):
+        fail("--n_layer/--n_head/--n_embd/--dropout shape a new model: drop them with --model_name_or_path")
     return args
 
 
@@ -148,10 +152,20 @@ def read_text_files(paths: list[str]) -> list[str]:
     return texts
 
 
+def fingerprint(name_or_path: str) -> list:
+    """A hub name as it is; a local file or folder by every file's path, size and modification time, so that
+    editing it makes a new cache entry."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return [name_or_path]
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime] for p in files]
+
+
 def corpus_sources(args) -> dict:
     """What identifies the corpus in the cache key: files by path, size and modification time; hub data by name."""
     if args.dataset_name:
-        return {"dataset": [args.dataset_name, args.dataset_config_name, args.text_column]}
+        return {"dataset": [fingerprint(args.dataset_name), args.dataset_config_name, args.text_column]}
     train_files = args.train_file or [str(BUNDLED_CORPUS)]
     if not args.train_file and not BUNDLED_CORPUS.is_file():
         fail(f"no --train_file given and the bundled corpus is not at {BUNDLED_CORPUS}: pass --train_file FILE")
@@ -228,7 +242,7 @@ def prepare_token_cache(args, accelerator) -> tuple[Path, dict]:
     tokenizer_spec = args.tokenizer or (args.model_name_or_path if args.model_name_or_path else "char")
     key_source = {
         "v": CACHE_FORMAT_VERSION,
-        "tokenizer": tokenizer_spec,
+        "tokenizer": fingerprint(tokenizer_spec) if tokenizer_spec not in ("char", "byte") else tokenizer_spec,
         "data": corpus_sources(args),
         "validation_split_fraction": args.validation_split_fraction if not args.validation_file else None,
     }
@@ -298,7 +312,12 @@ def main(argv: list[str] | None = None) -> dict:
     # On a machine without a GPU, several processes (torchrun, or accelerate launch --multi_gpu) must run on CPU
     # over gloo; without cpu=True accelerate would silently run N unsynchronised single-process copies.
     world_size_env = int(os.environ.get("WORLD_SIZE", "1"))
-    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+    launched_alone = "WORLD_SIZE" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ
+    if (
+        launched_alone
+        and "MASTER_ADDR" in os.environ
+        and os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    ):
         # accelerate's single-process launcher sets MASTER_ADDR when asked for several processes, and starts one.
         fail(
             "accelerate launch was asked for several processes but started only this one (`--cpu` and MULTI_CPU "
@@ -324,8 +343,10 @@ def main(argv: list[str] | None = None) -> dict:
     args.gradient_accumulation_steps = args.gradient_accumulation_steps or 1
     use_cpu = args.cpu or (world_size_env > 1 and not torch.cuda.is_available())
     mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if mixed_precision == "fp16" and (use_cpu or not torch.cuda.is_available()):
-        fail("fp16 does nothing on CPU (accelerate silently ignores it): use --mixed_precision bf16 or no")
+    if mixed_precision in ("fp16", "fp8") and (use_cpu or not torch.cuda.is_available()):
+        fail(
+            f"{mixed_precision} does nothing on CPU (accelerate ignores fp16, fp8 needs a GPU): use --mixed_precision bf16 or no"
+        )
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=args.mixed_precision,
@@ -354,11 +375,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------------------------------------- data
     cache_entry, meta = prepare_token_cache(args, accelerator)
-    # Created only now that the data is known to be good: bad input leaves nothing behind.
-    accelerator.wait_for_everyone()
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(cache_entry / "tokenizer")
     train_tokens = np.memmap(cache_entry / "train.bin", dtype=meta["dtype"], mode="r")
     val_tokens = np.memmap(cache_entry / "val.bin", dtype=meta["dtype"], mode="r")
@@ -408,6 +424,12 @@ def main(argv: list[str] | None = None) -> dict:
                 f"the {name} data has {len(tokens)} tokens, fewer than one block of {block_size} + 1: "
                 "give more text or a smaller --block_size"
             )
+
+    # Created only now that the data and the model are known to be good: bad input leaves nothing behind.
+    accelerator.wait_for_everyone()
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     # Training samples: windows at random offsets drawn with replacement (nanoGPT's sampling), from one seeded
     # generator, so the sequence of global batches is the same whatever the number of processes. accelerate
@@ -536,7 +558,11 @@ def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------------------------------------- save
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(output_dir, is_main_process=is_main, save_function=accelerator.save)
+    # get_state_dict gathers the full weights when FSDP or ZeRO-3 shard them across processes.
+    state_dict = accelerator.get_state_dict(model)
+    unwrapped.save_pretrained(
+        output_dir, is_main_process=is_main, save_function=accelerator.save, state_dict=state_dict
+    )
     results = {
         "world_size": accelerator.num_processes,
         "optimizer_steps": completed_steps,

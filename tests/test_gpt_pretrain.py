@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES_DIR, SHAKESPEARE, launch_and_record, load_recipe, subprocess_env
+from conftest import (
+    RECIPES_DIR,
+    SHAKESPEARE,
+    free_port,
+    launch_and_record,
+    load_recipe,
+    read_metrics,
+    reset_accelerate_state,
+    subprocess_env,
+)
 
 RECIPE = RECIPES_DIR / "gpt_pretrain.py"
-
-
-@pytest.fixture(scope="session")
-def token_cache(tmp_path_factory) -> Path:
-    """One token cache for the whole session: Tiny Shakespeare is tokenized once."""
-    return tmp_path_factory.mktemp("token_cache")
 
 
 def tiny_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
@@ -28,10 +31,6 @@ def tiny_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
         "--num_warmup_steps", "5", "--eval_every", "15", "--eval_iters", "4", "--log_every", "5",
         "--sample_tokens", "16", "--cache_dir", str(token_cache), "--output_dir", str(output_dir), *extra,
     ]  # fmt: skip
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_loss_fell(output_dir: Path) -> None:
@@ -64,14 +63,25 @@ def test_one_process_trains_and_saves_a_loadable_model(tmp_path, token_cache):
     assert (out / "sample.txt").read_text()
 
 
-def test_tokenized_corpus_is_cached_and_reused(tmp_path, token_cache):
+def test_tokenized_corpus_is_cached_and_reused_until_corpus_or_tokenizer_change(tmp_path, token_cache):
     recipe = load_recipe("gpt_pretrain")
-    recipe.main(tiny_args(tmp_path / "a", token_cache, "--max_train_steps", "2", "--sample_tokens", "0"))
-    entries = sorted(p for p in token_cache.iterdir())
-    stamps = {p: (p / "train.bin").stat().st_mtime_ns for p in entries}
-    recipe.main(tiny_args(tmp_path / "b", token_cache, "--max_train_steps", "2", "--sample_tokens", "0"))
-    assert sorted(token_cache.iterdir()) == entries
-    assert {p: (p / "train.bin").stat().st_mtime_ns for p in entries} == stamps
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:200_000])
+    cache = tmp_path / "cache"
+
+    def run(name, *extra):
+        reset_accelerate_state()
+        recipe.main(tiny_args(tmp_path / name, cache, "--train_file", str(corpus), "--max_train_steps", "1",
+                              "--sample_tokens", "0", *extra))  # fmt: skip
+        return {p.name: (p / "train.bin").stat().st_mtime_ns for p in cache.iterdir()}
+
+    first = run("a")
+    assert len(first) == 1
+    assert run("b") == first  # the same corpus and tokenizer: reused, not rewritten
+    assert len(run("c", "--tokenizer", "byte")) == 2  # another tokenizer: a new entry
+    corpus.write_text(SHAKESPEARE.read_text()[:150_000])  # an edited corpus: a new entry
+    entries = run("d")
+    assert len(entries) == 3 and all(entries[name] == stamp for name, stamp in first.items())
 
 
 @pytest.mark.parametrize("tokenizer", ["char", "byte"])
@@ -148,7 +158,7 @@ def test_cli_launch_and_torchrun_give_two_processes_and_the_same_result(tmp_path
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29511",
+            str(free_port()),
             str(RECIPE),
             *args,
         ],
@@ -215,10 +225,13 @@ def test_an_existing_output_is_never_overwritten(tmp_path, token_cache, capsys):
 def test_block_size_beyond_the_models_positions_is_refused(tmp_path, token_cache, capsys):
     recipe = load_recipe("gpt_pretrain")
     recipe.main(tiny_args(tmp_path / "base", token_cache, "--max_train_steps", "1", "--sample_tokens", "0"))
+    reset_accelerate_state()
+    more = ["--model_name_or_path", str(tmp_path / "base"), "--block_size", "64", "--cache_dir", str(token_cache),
+            "--output_dir", str(tmp_path / "more")]  # fmt: skip
     with pytest.raises(SystemExit):
-        recipe.main(
-            tiny_args(
-                tmp_path / "more", token_cache, "--model_name_or_path", str(tmp_path / "base"), "--block_size", "64"
-            )
-        )
+        recipe.main(more)
     assert "exceeds the model's 32 positions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # shape flags do not apply to a saved model: refused, not ignored
+        recipe.main([*more, "--n_layer", "8"])
+    assert "drop them with --model_name_or_path" in capsys.readouterr().err
+    assert not (tmp_path / "more").exists()
