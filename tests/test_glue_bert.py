@@ -211,30 +211,22 @@ def test_unknown_task_cli():
     ]
 
 
-def test_wrong_columns(tmp_path, capsys):
-    data = tmp_path / "RTE"
+@pytest.mark.parametrize(
+    ("task", "train", "dev", "fragments"),
+    [
+        ("rte", "index\tpremise\thypothesis\tlabel\n0\ta\tb\tentailment\n", None, ("missing column", "sentence1")),
+        ("sst2", "sentence\tlabel\ngood\t1\nbad\t2\n", "sentence\tlabel\nfine\t1\n", ("label '2'", "train.tsv")),
+    ],
+    ids=["wrong-columns", "label-out-of-range"],
+)
+def test_bad_glue_tsv_is_refused_and_writes_nothing(tmp_path, capsys, task, train, dev, fragments):
+    data = tmp_path / task
     data.mkdir()
-    for name in ("train.tsv", "dev.tsv"):
-        (data / name).write_text("index\tpremise\thypothesis\tlabel\n0\ta\tb\tentailment\n")
-    expect_usage_error(
-        capsys,
-        ["--task", "rte", "--data_dir", str(data), "--output_dir", str(tmp_path / "o")],
-        "missing column",
-        "sentence1",
-    )
-
-
-def test_label_out_of_range(tmp_path, capsys):
-    data = tmp_path / "SST-2"
-    data.mkdir()
-    (data / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t2\n")
-    (data / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
-    expect_usage_error(
-        capsys,
-        ["--task", "sst2", "--data_dir", str(data), "--output_dir", str(tmp_path / "o")],
-        "label '2'",
-        "train.tsv",
-    )
+    (data / "train.tsv").write_text(train)
+    (data / "dev.tsv").write_text(dev or train)
+    out = tmp_path / "o"
+    expect_usage_error(capsys, ["--task", task, "--data_dir", str(data), "--output_dir", str(out)], *fragments)
+    assert not out.exists()
 
 
 def test_stsb_score_out_of_range(tmp_path, capsys):
