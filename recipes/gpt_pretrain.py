@@ -113,10 +113,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--overwrite_output_dir", action="store_true")
     evaluation.add_argument("--sample_tokens", type=int, default=200, help="Tokens to generate at the end; 0: none.")
     evaluation.add_argument("--prompt", default="\n", help="Prompt of the generated sample.")
+    checkpoints = parser.add_argument_group("checkpoints")
+    checkpoints.add_argument("--checkpointing_steps", type=int, help="Save a resumable checkpoint every N steps.")
+    checkpoints.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest K checkpoints.")
+    checkpoints.add_argument(
+        "--resume_from_checkpoint",
+        help="A checkpoint folder, or `latest`: the newest in <output_dir>/checkpoints (a fresh start if none yet).",
+    )
     args = parser.parse_args(argv)
 
     positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "global_batch_size", "max_train_steps", "eval_every", "eval_iters", "log_every")  # fmt: skip
+                "global_batch_size", "max_train_steps", "eval_every", "eval_iters", "log_every",
+                "checkpointing_steps", "checkpoints_total_limit")  # fmt: skip
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -301,6 +309,47 @@ class TokenWindows(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: accelerate's save_state (model, optimizer, schedule, every rank's RNG) plus the step reached, written
+# aside and renamed into place, so a kill at any moment leaves the previous checkpoint whole and `latest` never
+# names a partial one. Old checkpoints are pruned only after a new one is complete.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def find_checkpoint(spec: str, output_dir: Path) -> Path | None:
+    """The checkpoint folder to resume from: a path, or `latest` (None when the run has none yet)."""
+    if spec == "latest":
+        pointer = output_dir / "checkpoints" / "latest"
+        if not pointer.is_file():
+            return None
+        path = pointer.parent / pointer.read_text().strip()
+    else:
+        path = Path(spec)
+    if not (path / "training_state.json").is_file():
+        fail(f"{path} is not a gpt-pretrain checkpoint (no training_state.json): give a checkpoint folder or `latest`")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int | None) -> None:
+    root = output_dir / "checkpoints"
+    final, staging = root / f"step-{step:07d}", root / f"step-{step:07d}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that was killed
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))  # every rank writes its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / "training_state.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        (root / "latest.partial").write_text(final.name)
+        os.replace(root / "latest.partial", root / "latest")  # atomic: latest names a whole checkpoint
+        complete = sorted(p for p in root.glob("step-*") if not p.name.endswith(".partial"))
+        for old in complete[:-keep] if keep else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -370,8 +419,16 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         fail(f"--output_dir {output_dir} is a file: choose a folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
-        fail(f"--output_dir {output_dir} already holds files: choose a new folder or pass --overwrite_output_dir")
+    if (
+        output_dir.is_dir()
+        and any(output_dir.iterdir())
+        and not (args.overwrite_output_dir or args.resume_from_checkpoint)
+    ):
+        fail(
+            f"--output_dir {output_dir} already holds files: choose a new folder, pass --overwrite_output_dir, "
+            "or continue it with --resume_from_checkpoint latest"
+        )
+    resume_from = find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
 
     # ---------------------------------------------------------------------------------------------- data
     cache_entry, meta = prepare_token_cache(args, accelerator)
@@ -429,26 +486,29 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if resume_from is None:
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     # Training samples: windows at random offsets drawn with replacement (nanoGPT's sampling), from one seeded
     # generator, so the sequence of global batches is the same whatever the number of processes. accelerate
     # gives rank k the batches k, k+K, k+2K, ...: K processes at batch B see exactly what one process sees at K*B.
     global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     train_windows = TokenWindows(train_tokens, block_size)
+    # The loaders get generators of their own: a DataLoader without one draws from the global RNG (which dropout
+    # uses) each time it starts, and a resumed run starts its loader at another moment than the original.
+    data_generator = torch.Generator().manual_seed(args.seed)
     sampler = torch.utils.data.RandomSampler(
-        train_windows,
-        replacement=True,
-        num_samples=args.max_train_steps * global_batch_size,
-        generator=torch.Generator().manual_seed(args.seed),
+        train_windows, replacement=True, num_samples=args.max_train_steps * global_batch_size, generator=data_generator
     )
     train_loader = torch.utils.data.DataLoader(
-        train_windows, batch_size=args.per_device_train_batch_size, sampler=sampler
+        train_windows, batch_size=args.per_device_train_batch_size, sampler=sampler, generator=data_generator
     )
     # Validation: a fixed, evenly spaced set of eval_iters batches, shared out among the processes.
     eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
     starts = np.linspace(0, len(val_tokens) - block_size - 1, num=args.eval_iters * eval_batch_size).astype(np.int64)
-    val_loader = torch.utils.data.DataLoader(TokenWindows(val_tokens, block_size, starts), batch_size=eval_batch_size)
+    val_loader = torch.utils.data.DataLoader(
+        TokenWindows(val_tokens, block_size, starts), batch_size=eval_batch_size, generator=torch.Generator()
+    )
 
     # ---------------------------------------------------------------------------------------------- optimizer
     # Weight decay on matrices (2-D weights) only; biases and LayerNorm parameters are not decayed.
@@ -500,9 +560,25 @@ def main(argv: list[str] | None = None) -> dict:
     progress = tqdm(total=args.max_train_steps, disable=not is_main, desc="train", mininterval=1.0, dynamic_ncols=True)
     model.train()
     completed_steps, window_loss = 0, torch.zeros((), device=accelerator.device)
+    train_batches = train_loader
+    if resume_from is not None:
+        # Weights, optimizer, schedule and RNG come back as they were; the data continues where it stopped,
+        # because the sampler replays the same seeded stream and the batches already trained on are skipped.
+        accelerator.load_state(str(resume_from))
+        completed_steps = json.loads((resume_from / "training_state.json").read_text())["step"]
+        train_batches = accelerator.skip_first_batches(train_loader, completed_steps * args.gradient_accumulation_steps)
+        progress.update(completed_steps)
+        if is_main:  # forget what the interrupted run logged after its checkpoint
+            kept = [
+                r
+                for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())
+                if r["step"] <= completed_steps
+            ]
+            (output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+            print(f"gpt-pretrain: resumed from {resume_from} at step {completed_steps}", flush=True)
     train_loss = eval_loss = float("nan")
     train_start = interval_start = time.perf_counter()
-    for inputs, targets in train_loader:
+    for inputs, targets in train_batches:
         with accelerator.accumulate(model):
             logits = model(input_ids=inputs).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -552,6 +628,9 @@ def main(argv: list[str] | None = None) -> dict:
             if is_main:
                 progress.write(f"step {completed_steps:>6} | val loss {eval_loss:.4f}")
             interval_start += time.perf_counter() - eval_start  # evaluation time is not training throughput
+        if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
+            if completed_steps < args.max_train_steps:  # the end of training saves the model itself
+                save_checkpoint(accelerator, output_dir, completed_steps, args.checkpoints_total_limit)
     progress.close()
     train_runtime = time.perf_counter() - train_start
 
