@@ -89,7 +89,7 @@ def build_launch(recipe_path: Path, options: RunOptions, gpus_available: int, py
     if options.config is not None:
         config = resolve_config(options.config)
         distributed_type = config_distributed_type(config)
-        if distributed_type == "NO" and total > 1:
+        if distributed_type == "NO" and topology_given and total > 1:
             raise UsageError(f"{config.name} runs a single process but {total} were asked for: use "
                              f"{'multi_cpu' if on_cpu else 'multi_gpu'} or another multi-process config")  # fmt: skip
         if on_cpu and distributed_type in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):

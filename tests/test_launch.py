@@ -80,6 +80,8 @@ def test_own_config_keeps_its_process_counts_unless_topology_flags_are_given(tmp
     own.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\n")
     assert flag(build(gpus_available=4, config=str(own)).argv, "--num_processes") is None
     assert flag(build(gpus_available=4, config=str(own), gpus=2).argv, "--num_processes") == "2"
+    # A single-process config on a many-GPU machine, with no topology flags, is just that config.
+    assert flag(build(gpus_available=8, config="single_gpu").argv, "--num_processes") is None
 
 
 def test_a_config_path_is_never_swapped_for_a_bundled_config_of_that_name(tmp_path: Path):
