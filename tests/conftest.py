@@ -57,6 +57,17 @@ def token_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("token_cache")
 
 
+def gpt_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
+    """gpt_pretrain arguments for a 2-layer, width-32 model trained for 30 steps: seconds on CPU, and the loss
+    still falls clearly. Flags in `extra` come last and override these (argparse keeps the last value)."""
+    return [
+        "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
+        "--per_device_train_batch_size", "4", "--max_train_steps", "30", "--learning_rate", "3e-3",
+        "--num_warmup_steps", "5", "--eval_every", "15", "--eval_iters", "4", "--log_every", "5",
+        "--sample_tokens", "16", "--cache_dir", str(token_cache), "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     """The records a recipe wrote to output_dir/metrics.jsonl."""
     import json

@@ -13,18 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES_DIR, free_port, load_recipe, read_metrics, saved_parameters, subprocess_env
+from conftest import RECIPES_DIR, free_port, gpt_args, load_recipe, read_metrics, saved_parameters, subprocess_env
 
 
-def gpt_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
-    """Dropout on, so that resuming must restore every rank's random state too."""
-    return [
-        "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "32", "--dropout", "0.1",
-        "--per_device_train_batch_size", "8", "--max_train_steps", "120", "--num_warmup_steps", "10",
-        "--checkpointing_steps", "20", "--checkpoints_total_limit", "2", "--log_every", "10",
-        "--eval_every", "60", "--eval_iters", "2", "--mixed_precision", "no", "--sample_tokens", "0",
-        "--cache_dir", str(token_cache), "--output_dir", str(output_dir), *extra,
-    ]  # fmt: skip
+def resumable_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
+    """Dropout on, so that resuming must restore every rank's random state too; 120 steps, so a kill right
+    after the first checkpoint (step 20) lands mid-run."""
+    return gpt_args(output_dir, token_cache, "--n_embd", "64", "--dropout", "0.1", "--per_device_train_batch_size",
+                    "8", "--max_train_steps", "120", "--num_warmup_steps", "10", "--checkpointing_steps", "20",
+                    "--checkpoints_total_limit", "2", "--log_every", "10", "--eval_every", "60", "--eval_iters", "2",
+                    "--mixed_precision", "no", "--sample_tokens", "0", *extra)  # fmt: skip
 
 
 def command(procs: int, args: list[str]) -> list[str]:
@@ -58,9 +56,9 @@ def run_and_kill_after_first_checkpoint(procs: int, args: list[str], output_dir:
 @pytest.mark.parametrize("procs", [1, 2])
 def test_killed_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_path, token_cache, procs):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run(procs, gpt_args(whole, token_cache))
-    run_and_kill_after_first_checkpoint(procs, gpt_args(killed, token_cache), killed)
-    run(procs, gpt_args(killed, token_cache, "--resume_from_checkpoint", "latest"))
+    run(procs, resumable_args(whole, token_cache))
+    run_and_kill_after_first_checkpoint(procs, resumable_args(killed, token_cache), killed)
+    run(procs, resumable_args(killed, token_cache, "--resume_from_checkpoint", "latest"))
 
     assert torch.equal(saved_parameters(killed), saved_parameters(whole))
     curve = [(r["step"], r.get("loss"), r.get("eval_loss")) for r in read_metrics(whole)]
@@ -72,12 +70,12 @@ def test_killed_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_path, 
 
 def test_resume_from_latest_with_no_checkpoint_starts_fresh_and_a_bad_path_is_refused(tmp_path, token_cache, capsys):
     recipe = load_recipe("gpt_pretrain")
-    args = gpt_args(tmp_path / "run", token_cache, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    args = resumable_args(tmp_path / "run", token_cache, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
     assert recipe.main(args)["optimizer_steps"] == 3
     not_a_checkpoint = tmp_path / "empty"
     not_a_checkpoint.mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        recipe.main(gpt_args(tmp_path / "other", token_cache, "--resume_from_checkpoint", str(not_a_checkpoint)))
+        recipe.main(resumable_args(tmp_path / "other", token_cache, "--resume_from_checkpoint", str(not_a_checkpoint)))
     assert exit_info.value.code == 2
     assert "is not a gpt-pretrain checkpoint" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "all_results.json").read_text())["optimizer_steps"] == 3

