@@ -145,5 +145,29 @@ def run_command(
     raise typer.Exit(run_launch(launch))
 
 
+@app.command("report")
+def report_command(
+    run_dirs: list[Path] = typer.Argument(..., help="Run folders: each a recipe's --output_dir with metrics.jsonl."),
+    output: Path = typer.Option(
+        Path("report.html"),
+        "--output",
+        "-o",
+        help="The HTML page to write (its PNG goes beside it, same name), or a folder for report.html and report.png.",
+    ),
+) -> None:
+    """Plot loss, evaluation metrics, throughput and learning rate of one or more runs (overlaid) to a PNG, and
+    write an HTML page with it and each run's final numbers.
+
+    Example: accel-dp report runs/one-proc runs/two-procs --output compare.html
+    """
+    from .report import write_report  # matplotlib only when a report is asked for
+
+    try:
+        html_path, figure = write_report(run_dirs, output)
+    except UsageError as err:
+        fail(str(err))
+    console.print(f"wrote {html_path} and {figure.path.name} ({len(figure.series)} curves)", highlight=False)
+
+
 if __name__ == "__main__":
     app()

@@ -136,3 +136,15 @@ def launch_and_record(recipe: str, args: list[str], record_dir: Path, num_proces
         if (record_dir / f"rank{rank}.pt").exists()
     ]
     return completed, records
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_run(tmp_path_factory, token_cache) -> Path:
+    """One finished gpt-pretrain run (12 steps, loss logged every 3, evaluated at 6 and 12) for the tests that only
+    read a run's outputs (report, sample, pipelines): trained once per session, in this process."""
+    output_dir = tmp_path_factory.mktemp("tiny_gpt") / "run"
+    extra = ("--max_train_steps", "12", "--eval_every", "6", "--log_every", "3")
+    reset_accelerate_state()
+    load_recipe("gpt_pretrain").main(gpt_args(output_dir, token_cache, *extra))
+    reset_accelerate_state()
+    return output_dir
