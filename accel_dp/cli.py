@@ -169,5 +169,17 @@ def report_command(
     console.print(f"wrote {html_path} and {figure.path.name} ({len(figure.series)} curves)", highlight=False)
 
 
+@app.command("env")
+def env_command() -> None:
+    """Print versions, devices, distributed backends, accelerate's default config and Hugging Face Hub access,
+    as plain Markdown to paste into a bug report. The Hub check (2 s at most) is skipped when HF_HUB_OFFLINE=1.
+
+    Example: accel-dp env > environment.md
+    """
+    from .env import collect_environment, format_environment
+
+    typer.echo(format_environment(collect_environment()), nl=False)  # plain text: no colour codes to paste
+
+
 if __name__ == "__main__":
     app()
