@@ -181,5 +181,41 @@ def env_command() -> None:
     typer.echo(format_environment(collect_environment()), nl=False)  # plain text: no colour codes to paste
 
 
+@app.command("sample")
+def sample_command(
+    run_dir: Path = typer.Argument(..., help="A gpt-pretrain run's --output_dir (the saved model and tokenizer)."),
+    prompt: str = typer.Option("\n", "--prompt", help="Text to continue (default: a new line)."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="How many tokens to generate."),
+    temperature: float = typer.Option(
+        0.8, "--temperature", help="Lower is more predictable; 0 always takes the likeliest."
+    ),
+    top_k: int = typer.Option(200, "--top-k", help="Sample among the k likeliest tokens; 0 for all."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for a reproducible sample."),
+) -> None:
+    """Generate text with a model trained by gpt-pretrain, loaded with transformers' from_pretrained.
+
+    Example: accel-dp sample runs/gpt-pretrain-20250101-120000 --prompt "ROMEO:" --max-new-tokens 300 --seed 1
+    """
+    from .sample import check_gpt_run, check_sampling_options, generate_text, load_gpt_run
+
+    try:
+        check_sampling_options(max_new_tokens, temperature, top_k)
+        check_gpt_run(run_dir)  # before importing torch and transformers: a wrong folder fails at once
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # no "Loading weights" bar above the sample
+        model, tokenizer = load_gpt_run(run_dir)
+        seen_prompt, continuation = generate_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
+    except UsageError as err:
+        fail(str(err))
+    if seen_prompt != prompt:
+        err_console.print(
+            f"note: the tokenizer does not know every character of the prompt; the model saw {seen_prompt!r}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    typer.echo(seen_prompt + continuation)
+
+
 if __name__ == "__main__":
     app()
