@@ -191,6 +191,8 @@ def build_gpt(args, total_steps: int):
         resid_pdrop=shape["dropout"],
         embd_pdrop=shape["dropout"],
         attn_pdrop=shape["dropout"],
+        bos_token_id=None,  # the recipe's character tokenizer has neither
+        eos_token_id=None,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=defaults.attn_implementation)
