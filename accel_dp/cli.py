@@ -30,6 +30,11 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def check_mixed_precision(mixed_precision: str | None) -> None:
+    if mixed_precision is not None and mixed_precision not in ("no", "bf16", "fp16", "fp8"):
+        fail(f"--mixed-precision {mixed_precision!r} is not one of no, bf16, fp16, fp8")
+
+
 def version_callback(value: bool) -> None:
     if value:
         console.print(f"accel-dp {__version__}")
@@ -110,8 +115,7 @@ def run_command(
     Examples: accel-dp run gpt-pretrain | accel-dp run gpt-pretrain --gpus 8 -- --model_size gpt2 |
     accel-dp run glue-bert --cpu --procs 2 -- --task sst2
     """
-    if mixed_precision is not None and mixed_precision not in ("no", "bf16", "fp16", "fp8"):
-        fail(f"--mixed-precision {mixed_precision!r} is not one of no, bf16, fp16, fp8")
+    check_mixed_precision(mixed_precision)
     options = RunOptions(
         gpus=gpus,
         cpu=cpu,
@@ -215,6 +219,75 @@ def sample_command(
             soft_wrap=True,
         )
     typer.echo(seen_prompt + continuation)
+
+
+@app.command(
+    "slurm",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def slurm_command(
+    ctx: typer.Context,
+    recipe: str = typer.Argument(..., help="Recipe name (see `accel-dp list`)."),
+    nodes: int = typer.Option(1, "--nodes", help="Number of nodes."),
+    gpus_per_node: int | None = typer.Option(None, "--gpus-per-node", help="GPUs (and processes) per node."),
+    cpu: bool = typer.Option(False, "--cpu", help="CPU nodes: processes over gloo instead of GPUs."),
+    procs_per_node: int | None = typer.Option(None, "--procs-per-node", help="CPU processes per node, with --cpu."),
+    config: str | None = typer.Option(None, "--config", help="A bundled config name or a YAML path."),
+    mixed_precision: str | None = typer.Option(None, "--mixed-precision", help="no, bf16, fp16 or fp8."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
+    main_port: int | None = typer.Option(
+        None, "--main-port", help="Port on the main node (default: 20000 + job id mod 20000)."
+    ),
+    output_dir: str | None = typer.Option(
+        None, "--output-dir", help="The run's fixed folder (default: ./runs/RECIPE-DATE-TIME, made absolute)."
+    ),
+    job_name: str | None = typer.Option(None, "--job-name", help="Slurm job name (default: the recipe's)."),
+    time_limit: str | None = typer.Option(None, "--time", help="Slurm time limit, e.g. 04:00:00."),
+    partition: str | None = typer.Option(None, "--partition", help="Slurm partition."),
+    account: str | None = typer.Option(None, "--account", help="Slurm account."),
+    cpus_per_task: int | None = typer.Option(None, "--cpus-per-task", help="CPU cores per node's launcher task."),
+    signal_seconds: int = typer.Option(
+        120, "--signal-seconds", help="Seconds before the time limit at which the job checkpoints and requeues."
+    ),
+) -> None:
+    """Print an sbatch script that runs a recipe on Slurm nodes (accelerate launch on each, through srun),
+    checkpointing on preemption or near the time limit and resuming when requeued. Arguments after `--` go to
+    the recipe.
+
+    Example: accel-dp slurm gpt-pretrain --nodes 2 --gpus-per-node 8 --time 04:00:00 -- --model_size gpt2 > job.sh
+    """
+    import time
+
+    from .slurm import SlurmJob, build_sbatch_script
+
+    check_mixed_precision(mixed_precision)
+    try:
+        found = get_recipe(recipe)
+        can_resume = found.accepts_flag("--resume_from_checkpoint")
+        default_output = Path.cwd() / "runs" / f"{found.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        job = SlurmJob(
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            cpu=cpu,
+            procs_per_node=procs_per_node,
+            job_name=job_name or found.name,
+            output_dir=output_dir or str(default_output),
+            main_port=main_port,
+            signal_seconds=signal_seconds,
+            time_limit=time_limit,
+            partition=partition,
+            account=account,
+            cpus_per_task=cpus_per_task,
+        )
+        run = RunOptions(
+            config=config, mixed_precision=mixed_precision, grad_accum=grad_accum, recipe_args=tuple(ctx.args)
+        )
+        script = build_sbatch_script(
+            found.path, found.name, job, run, can_resume=can_resume, generated_by=f"accel-dp {__version__} slurm"
+        )
+    except UsageError as err:
+        fail(str(err))
+    typer.echo(script.text, nl=False)  # plain: rich would read [brackets] in it as markup
 
 
 if __name__ == "__main__":

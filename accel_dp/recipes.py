@@ -22,6 +22,10 @@ class Recipe:
         docstring = ast.get_docstring(ast.parse(self.path.read_text(encoding="utf-8"))) or ""
         return docstring.strip().splitlines()[0] if docstring.strip() else ""
 
+    def accepts_flag(self, flag: str) -> bool:
+        """Whether the recipe's argument parser defines `flag` (read from its source, without importing it)."""
+        return f'"{flag}"' in self.path.read_text(encoding="utf-8")
+
 
 def list_recipes(directory: Path | None = None) -> list[Recipe]:
     directory = directory or recipes_dir()
