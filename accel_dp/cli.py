@@ -35,6 +35,16 @@ def check_mixed_precision(mixed_precision: str | None) -> None:
         fail(f"--mixed-precision {mixed_precision!r} is not one of no, bf16, fp16, fp8")
 
 
+def complete_recipe(incomplete: str) -> list[str]:
+    """Shell completion of recipe names."""
+    return [recipe.name for recipe in list_recipes() if recipe.name.startswith(incomplete)]
+
+
+def complete_config(incomplete: str) -> list[str]:
+    """Shell completion of bundled config names (a path completes as a file, by the shell)."""
+    return [path.stem for path in list_configs() if path.stem.startswith(incomplete)]
+
+
 def version_callback(value: bool) -> None:
     if value:
         console.print(f"accel-dp {__version__}")
@@ -52,7 +62,10 @@ def main(
 
 @app.command("list")
 def list_command() -> None:
-    """List the recipes. Example: accel-dp list"""
+    """List the recipes.
+
+    Example: accel-dp list
+    """
     table = Table("recipe", "what it does", box=None, header_style="bold")
     for recipe in list_recipes():
         table.add_row(recipe.name, recipe.description)
@@ -61,7 +74,10 @@ def list_command() -> None:
 
 @app.command("configs")
 def configs_command() -> None:
-    """List the bundled accelerate configs and what each is for. Example: accel-dp configs"""
+    """List the bundled accelerate configs and what each is for.
+
+    Example: accel-dp configs
+    """
     table = Table("config", "when to use it", box=None, header_style="bold")
     for path in list_configs():
         table.add_row(path.stem, describe_config(path))
@@ -70,11 +86,14 @@ def configs_command() -> None:
 
 @app.command("copy")
 def copy_command(
-    recipe: str = typer.Argument(..., help="Recipe name, e.g. gpt-pretrain."),
+    recipe: str = typer.Argument(..., help="Recipe name, e.g. gpt-pretrain.", autocompletion=complete_recipe),
     dest: Path = typer.Argument(..., help="A folder, or the file name to write."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
-    """Copy a recipe file into your own project; it is self-contained. Example: accel-dp copy gpt-pretrain ./train.py"""
+    """Copy a recipe file into your own project; it is self-contained.
+
+    Example: accel-dp copy gpt-pretrain ./train.py
+    """
     try:
         source = get_recipe(recipe).path
     except UsageError as err:
@@ -95,7 +114,7 @@ def copy_command(
 )
 def run_command(
     ctx: typer.Context,
-    recipe: str = typer.Argument(..., help="Recipe name (see `accel-dp list`)."),
+    recipe: str = typer.Argument(..., help="Recipe name (see `accel-dp list`).", autocompletion=complete_recipe),
     gpus: int | None = typer.Option(None, "--gpus", help="GPUs per node (default: all of this machine's)."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on CPU processes (gloo), even if GPUs are present."),
     procs: int | None = typer.Option(None, "--procs", help="CPU processes per node, with --cpu (default 1)."),
@@ -104,7 +123,10 @@ def run_command(
     main_ip: str | None = typer.Option(None, "--main-ip", help="Address of the node with rank 0."),
     main_port: int | None = typer.Option(None, "--main-port", help="Port on the main node (default 29500)."),
     config: str | None = typer.Option(
-        None, "--config", help="A bundled config name (see `accel-dp configs`) or a YAML path."
+        None,
+        "--config",
+        help="A bundled config name (see `accel-dp configs`) or a YAML path.",
+        autocompletion=complete_config,
     ),
     mixed_precision: str | None = typer.Option(None, "--mixed-precision", help="no, bf16, fp16 (GPU only) or fp8."),
     grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
@@ -112,8 +134,10 @@ def run_command(
 ) -> None:
     """Launch a recipe. Arguments after `--` go to the recipe.
 
-    Examples: accel-dp run gpt-pretrain | accel-dp run gpt-pretrain --gpus 8 -- --model_size gpt2 |
-    accel-dp run glue-bert --cpu --procs 2 -- --task sst2
+    Examples:
+      accel-dp run gpt-pretrain
+      accel-dp run gpt-pretrain --gpus 8 -- --model_size gpt2
+      accel-dp run glue-bert --cpu --procs 2 -- --task sst2
     """
     check_mixed_precision(mixed_precision)
     options = RunOptions(
@@ -159,8 +183,10 @@ def report_command(
         help="The HTML page to write (its PNG goes beside it, same name), or a folder for report.html and report.png.",
     ),
 ) -> None:
-    """Plot loss, evaluation metrics, throughput and learning rate of one or more runs (overlaid) to a PNG, and
-    write an HTML page with it and each run's final numbers.
+    """Plot the curves of one or more runs and write an HTML report.
+
+    Loss, evaluation metrics, throughput and learning rate per optimizer step, the runs overlaid, in one PNG; the
+    page shows it with a table of each run's final numbers (its all_results.json).
 
     Example: accel-dp report runs/one-proc runs/two-procs --output compare.html
     """
@@ -175,8 +201,10 @@ def report_command(
 
 @app.command("env")
 def env_command() -> None:
-    """Print versions, devices, distributed backends, accelerate's default config and Hugging Face Hub access,
-    as plain Markdown to paste into a bug report. The Hub check (2 s at most) is skipped when HF_HUB_OFFLINE=1.
+    """Print this machine's setup as Markdown, to paste into a bug report.
+
+    Versions, devices, distributed backends, accelerate's default config, Hugging Face offline mode and whether the
+    Hub answers (a check of 2 s at most, skipped when HF_HUB_OFFLINE=1).
 
     Example: accel-dp env > environment.md
     """
@@ -196,7 +224,10 @@ def sample_command(
     top_k: int = typer.Option(200, "--top-k", help="Sample among the k likeliest tokens; 0 for all."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for a reproducible sample."),
 ) -> None:
-    """Generate text with a model trained by gpt-pretrain, loaded with transformers' from_pretrained.
+    """Generate text with a model trained by gpt-pretrain.
+
+    The model and tokenizer load with transformers' from_pretrained; past the model's context (--block_size),
+    generation goes on from the newest half of its window.
 
     Example: accel-dp sample runs/gpt-pretrain-20250101-120000 --prompt "ROMEO:" --max-new-tokens 300 --seed 1
     """
@@ -227,12 +258,14 @@ def sample_command(
 )
 def slurm_command(
     ctx: typer.Context,
-    recipe: str = typer.Argument(..., help="Recipe name (see `accel-dp list`)."),
+    recipe: str = typer.Argument(..., help="Recipe name (see `accel-dp list`).", autocompletion=complete_recipe),
     nodes: int = typer.Option(1, "--nodes", help="Number of nodes."),
     gpus_per_node: int | None = typer.Option(None, "--gpus-per-node", help="GPUs (and processes) per node."),
     cpu: bool = typer.Option(False, "--cpu", help="CPU nodes: processes over gloo instead of GPUs."),
     procs_per_node: int | None = typer.Option(None, "--procs-per-node", help="CPU processes per node, with --cpu."),
-    config: str | None = typer.Option(None, "--config", help="A bundled config name or a YAML path."),
+    config: str | None = typer.Option(
+        None, "--config", help="A bundled config name or a YAML path.", autocompletion=complete_config
+    ),
     mixed_precision: str | None = typer.Option(None, "--mixed-precision", help="no, bf16, fp16 or fp8."),
     grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
     main_port: int | None = typer.Option(
@@ -250,9 +283,10 @@ def slurm_command(
         120, "--signal-seconds", help="Seconds before the time limit at which the job checkpoints and requeues."
     ),
 ) -> None:
-    """Print an sbatch script that runs a recipe on Slurm nodes (accelerate launch on each, through srun),
-    checkpointing on preemption or near the time limit and resuming when requeued. Arguments after `--` go to
-    the recipe.
+    """Print an sbatch script that runs a recipe on Slurm nodes.
+
+    srun starts accelerate launch on every node. On preemption, or --signal-seconds before the time limit, the
+    recipe checkpoints and the job requeues and resumes. Arguments after `--` go to the recipe.
 
     Example: accel-dp slurm gpt-pretrain --nodes 2 --gpus-per-node 8 --time 04:00:00 -- --model_size gpt2 > job.sh
     """
@@ -291,4 +325,4 @@ def slurm_command(
 
 
 if __name__ == "__main__":
-    app()
+    app(prog_name="accel-dp")  # `python -m accel_dp.cli` speaks, and completes, as the accel-dp command
