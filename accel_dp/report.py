@@ -192,9 +192,8 @@ def figure_size_px(n_panels: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------- drawing
 def draw_curves(runs: list[Run], png_path: Path) -> DrawnFigure:
     """Draw every panel with every run's series on it and save the PNG; say what was drawn where."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    # The Agg canvas, attached to this figure only: no pyplot, no global backend switch in the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator
@@ -206,6 +205,7 @@ def draw_curves(runs: list[Run], png_path: Path) -> DrawnFigure:
     rows, columns = grid_shape(len(panels))
     width_px, height_px = figure_size_px(len(panels))
     figure = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
     axes_grid = figure.subplots(rows, columns, squeeze=False)
     axes_list = [ax for row in axes_grid for ax in row]
     for spare in axes_list[len(panels) :]:
