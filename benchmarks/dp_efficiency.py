@@ -1,7 +1,7 @@
 """Data-parallel efficiency on CPU: the GPT recipe on 2 processes x 1 thread against 1 process x 2 threads.
 
     python benchmarks/dp_efficiency.py                    # 300 steps, 3 repeats of each, then the comm probe (~4 min)
-    python benchmarks/dp_efficiency.py --quick            # 20 steps, 1 repeat, short probe: checks that it runs
+    python benchmarks/dp_efficiency.py --quick            # 20 steps, 1 repeat, short probe: checks that it runs (~40 s)
     python benchmarks/dp_efficiency.py --global_batch 24 --steps 400 --repeats 5
     python benchmarks/dp_efficiency.py --no_probe         # throughput only
 
@@ -44,6 +44,14 @@ RECIPE = REPO_ROOT / "recipes" / "gpt_pretrain.py"
 PROBE = REPO_ROOT / "benchmarks" / "dp_comm_probe.py"
 TARGET = 0.95
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def warn_if_busy() -> None:
+    """Other work on the cores skews every number here: say so."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f} before starting: other work shares the cores, "
+              "so these timings are not a measurement", flush=True)  # fmt: skip
 
 
 def free_port() -> int:
@@ -121,8 +129,10 @@ def main() -> int:
     root = Path(args.keep or tmp.name)
     root.mkdir(parents=True, exist_ok=True)
     cache = root / "cache"
+    warn_if_busy()
     print(f"runs in {root}; global batch {args.global_batch}, {args.steps} steps, {args.repeats} repeat(s)", flush=True)
-    run_recipe(1, cores, args.global_batch, 1, root / "fill-cache", cache, cores)  # untimed: tokenizes the corpus once
+    if not args.quick:  # tokenize the corpus once, untimed (tokenizing is outside train_runtime_s anyway, not wall_s)
+        run_recipe(1, cores, args.global_batch, 1, root / "fill-cache", cache, cores)
 
     configs = {"single": (1, cores), "dp": (cores, 1)}
     label = {"single": f"1 proc x {cores} threads", "dp": f"{cores} procs x 1 thread"}
@@ -152,17 +162,10 @@ def main() -> int:
     print(f"paired ratios (2x1 / 1x2 per repeat): {', '.join(f'{x:.3f}' for x in paired)}; "
           f"steady-rate ratio {steady['dp'] / steady['single']:.3f}")  # fmt: skip
 
-    same = all(
-        abs(d["eval_loss"] - s["eval_loss"]) < 1e-3 for d, s in zip(results["dp"], results["single"], strict=True)
-    )
+    gap = max(abs(d["eval_loss"] - s["eval_loss"]) for d, s in zip(results["dp"], results["single"], strict=True))
     print(
-        "same training on both (final val loss within 1e-3 on the same windows): "
-        + (
-            "yes"
-            if same
-            else "NO: "
-            + str([(d["eval_loss"], s["eval_loss"]) for d, s in zip(results["dp"], results["single"], strict=True)])
-        )
+        f"same training on both: final val losses (same windows) differ by at most {gap:.2e} "
+        f"({'ok' if gap < 1e-2 else 'NOT the same training: check the logs'}; only summation order differs)"
     )
 
     probe_line = ""

@@ -3,7 +3,7 @@
     python benchmarks/overhead.py                      # both recipes, full defaults (about 3 minutes on 2 cores)
     python benchmarks/overhead.py --recipe gpt         # GPT only (about 1 minute)
     python benchmarks/overhead.py --recipe glue        # GLUE only (about 2 minutes)
-    python benchmarks/overhead.py --quick              # a few seconds per recipe: checks that it runs, measures nothing
+    python benchmarks/overhead.py --quick              # ~25 s (imports, model loading): checks that it runs, measures nothing
     python benchmarks/overhead.py --threads 1 --rounds 20 --steps 30 --glue_steps 4
 
 Both sides train their own copy of the same model (identical initial weights) on the same batches, in the same
@@ -62,6 +62,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "recipes"
 TARGET_RATIO = 1.03
 SHAKESPEARE_VOCAB = 65
+
+
+def warn_if_busy() -> None:
+    """Other work on the cores skews every number here: say so."""
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f} before starting: other work shares the cores, "
+              "so these timings are not a measurement", flush=True)  # fmt: skip
 
 
 def load_recipe(name: str):
@@ -486,9 +494,10 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a few steps only: checks that it runs")
     args = p.parse_args()
     if args.quick:
-        args.warmup, args.rounds, args.steps = 2, 3, 3
-        args.glue_warmup, args.glue_rounds, args.glue_steps = 1, 2, 1
+        args.warmup, args.rounds, args.steps = 1, 2, 2
+        args.glue_warmup, args.glue_rounds, args.glue_steps = 0, 2, 1
     torch.set_num_threads(args.threads)
+    warn_if_busy()
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPU(s)")
 
     results = {}
