@@ -20,3 +20,6 @@ lint:
 
 bench:
 	$(TEST_ENV) $(PYTHON) benchmarks/nanogpt_cpu.py
+	$(TEST_ENV) $(PYTHON) benchmarks/overhead.py
+	$(TEST_ENV) $(PYTHON) benchmarks/dp_efficiency.py
+	$(TEST_ENV) $(PYTHON) benchmarks/glue_padding.py
