@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -130,6 +131,26 @@ def detect_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+PREEMPTED_EXIT_CODE = 75  # the recipes' code for "checkpoint written after a preemption signal; resume"
+
+
 def run_launch(launch: Launch) -> int:
-    """Run the command with the caller's environment plus the launch's; return the recipe's exit code."""
-    return subprocess.run(launch.argv, env={**os.environ, **launch.env}).returncode
+    """Run the command with the caller's environment plus the launch's; return the recipe's exit code.
+
+    SIGTERM and SIGUSR1 (preemption; SLURM's --signal) reach the launcher as SIGTERM, which torch's launcher
+    passes to every rank: the recipes then checkpoint and exit with PREEMPTED_EXIT_CODE. The launcher itself
+    exits 1 then, so that code is passed on here. (A launcher killed by SIGUSR1 would orphan the ranks.)"""
+    child = subprocess.Popen(launch.argv, env={**os.environ, **launch.env})
+    signalled = []
+
+    def forward(signum, frame):
+        signalled.append(signum)
+        child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        code = child.wait()
+        return PREEMPTED_EXIT_CODE if signalled and code != 0 else code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

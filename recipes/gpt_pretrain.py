@@ -25,16 +25,18 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, load, set_seed
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -113,21 +115,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--overwrite_output_dir", action="store_true")
     evaluation.add_argument("--sample_tokens", type=int, default=200, help="Tokens to generate at the end; 0: none.")
     evaluation.add_argument("--prompt", default="\n", help="Prompt of the generated sample.")
-    checkpoints = parser.add_argument_group("checkpoints")
-    checkpoints.add_argument("--checkpointing_steps", type=int, help="Save a resumable checkpoint every N steps.")
+    checkpoints = parser.add_argument_group("checkpoints and failures")
+    checkpoints.add_argument("--checkpointing_steps", help="Save a resumable checkpoint every N optimizer steps.")
     checkpoints.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest K checkpoints.")
     checkpoints.add_argument(
         "--resume_from_checkpoint",
         help="A checkpoint folder, or `latest`: the newest in <output_dir>/checkpoints (a fresh start if none yet).",
     )
+    checkpoints.add_argument(
+        "--nonfinite_skip_limit",
+        type=int,
+        default=0,
+        help="Skip up to N optimizer steps whose gradient norm is NaN or inf (default 0: stop at the first).",
+    )
+    checkpoints.add_argument(
+        "--ddp_timeout",
+        type=int,
+        default=600,
+        help="Seconds a collective waits for a silent process before all stop (raise it for very slow data prep).",
+    )
     args = parser.parse_args(argv)
+
+    if args.checkpointing_steps is not None:
+        if args.checkpointing_steps == "epoch":
+            fail(
+                "--checkpointing_steps epoch: gpt-pretrain samples windows with replacement and has no epochs; give a number of optimizer steps"
+            )
+        if not args.checkpointing_steps.isdigit():
+            fail(
+                f"--checkpointing_steps must be a positive number of optimizer steps, got '{args.checkpointing_steps}'"
+            )
+        args.checkpointing_steps = int(args.checkpointing_steps)
 
     positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "global_batch_size", "max_train_steps", "eval_every", "eval_iters", "log_every",
-                "checkpointing_steps", "checkpoints_total_limit")  # fmt: skip
+                "checkpointing_steps", "checkpoints_total_limit", "ddp_timeout")  # fmt: skip
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.nonfinite_skip_limit < 0:
+        fail(f"--nonfinite_skip_limit must be >= 0, got {args.nonfinite_skip_limit}")
     if not 0.0 < args.validation_split_fraction < 1.0:
         fail(f"--validation_split_fraction must be between 0 and 1, got {args.validation_split_fraction}")
     if args.dataset_name and (args.train_file or args.validation_file):
@@ -315,6 +342,18 @@ class TokenWindows(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+PREEMPTED_EXIT_CODE = (
+    75  # sysexits' EX_TEMPFAIL, "try again": a checkpoint was written; rerun with --resume_from_checkpoint latest
+)
+FAILED_EXIT_CODE = 1  # a lost process, or a non-finite gradient: nothing was overwritten
+
+
+def stop(message: str) -> None:
+    """A failure during training (not bad input): one line, exit status 1."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(FAILED_EXIT_CODE)
+
+
 def find_checkpoint(spec: str, output_dir: Path) -> Path | None:
     """The checkpoint folder to resume from: a path, or `latest` (None when the run has none yet)."""
     if spec == "latest":
@@ -324,12 +363,41 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path | None:
         path = pointer.parent / pointer.read_text().strip()
     else:
         path = Path(spec)
+    if not path.is_dir():
+        fail(
+            f"--resume_from_checkpoint: {path} does not exist; give a checkpoint folder (<output_dir>/checkpoints/step-N) or `latest`"
+        )
     if not (path / "training_state.json").is_file():
         fail(f"{path} is not a gpt-pretrain checkpoint (no training_state.json): give a checkpoint folder or `latest`")
     return path
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int | None) -> None:
+def check_checkpoint(path: Path, accelerator) -> dict:
+    """Read a checkpoint's own state and check, on every rank, that its files load; one clear error otherwise.
+    (accelerate's load_state would skip an unreadable RNG file silently, and resume inexactly.)"""
+    problem, state = None, {}
+    try:
+        state = json.loads((path / "training_state.json").read_text())
+        if state.get("world_size", accelerator.num_processes) != accelerator.num_processes:
+            problem = (
+                f"{path} was written by {state['world_size']} process(es) and this run has {accelerator.num_processes}: "
+                "resume with the same number (each process's RNG state is restored)"
+            )
+        else:
+            load(path / f"random_states_{accelerator.process_index}.pkl")  # weights_only=True
+            load(path / "optimizer.bin", map_location="cpu")
+            load(path / "scheduler.bin")
+            load_file(path / "model.safetensors")
+    except Exception as e:  # a truncated or overwritten file: say which checkpoint, suggest an older one
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        problem = f"checkpoint {path} is corrupted or incomplete ({type(e).__name__}: {first}); resume from an earlier one in {path.parent}"
+    problems = [p for p in gather_object([problem]) if p]
+    if problems:
+        fail(problems[0])
+    return state
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, skipped_steps: int, keep: int | None) -> Path:
     root = output_dir / "checkpoints"
     final, staging = root / f"step-{step:07d}", root / f"step-{step:07d}.partial"
     if accelerator.is_main_process:
@@ -338,7 +406,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int | None) 
     accelerator.save_state(str(staging))  # every rank writes its own RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (staging / "training_state.json").write_text(json.dumps({"step": step}))
+        state = {"step": step, "world_size": accelerator.num_processes, "skipped_steps": skipped_steps}
+        (staging / "training_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         (root / "latest.partial").write_text(final.name)
@@ -347,6 +416,52 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int | None) 
         for old in complete[:-keep] if keep else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    return final
+
+
+def on_preemption_signals(accelerator) -> dict:
+    """SIGTERM (preemption, torchrun's shutdown) and SIGUSR1 (SLURM's --signal) set accelerate's trigger; the loop
+    checks it on every rank after each optimizer step, so all ranks finish the step and checkpoint together."""
+    received = {}
+
+    def handler(signum, frame):
+        received["signal"] = signal.Signals(signum).name
+        accelerator.set_trigger()
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, handler)
+    return received
+
+
+def run_failing_fast(entry) -> None:
+    """When a process dies (killed node, out of memory), every collective of the others fails, or times out after
+    --ddp_timeout. Name the lost rank in one line and exit at once, rather than hang or print a wall of C++."""
+    try:
+        entry()
+    except Exception as error:
+        dist = torch.distributed
+        text = str(error)
+        lost_peer = isinstance(error, dist.DistError) or any(
+            s in text for s in ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out")
+        )
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and lost_peer):
+            raise
+        rank, world = dist.get_rank(), dist.get_world_size()
+        try:  # the survivors check in with the rendezvous store; whoever does not is lost
+            store = dist.distributed_c10d._get_default_store()
+            store.set(f"gpt_pretrain/alive/{rank}", "1")
+            time.sleep(3)
+            lost = [r for r in range(world) if not store.check([f"gpt_pretrain/alive/{r}"])]
+            who = "rank " + ", ".join(map(str, lost)) if lost else "another process"
+        except Exception:  # the store lives with rank 0's launcher: that node is gone
+            who = "rank 0 (the main node)"
+        print(
+            f"error: rank {rank}: lost contact with {who} ({text.strip().splitlines()[0][:160]}); stopping. "
+            "Resume with --resume_from_checkpoint latest once all nodes are back",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(FAILED_EXIT_CODE)  # skip teardown: destroying a process group with a dead peer can hang
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,6 +517,8 @@ def main(argv: list[str] | None = None) -> dict:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # The LR schedule below counts optimizer steps; accelerate's default would step it once per process.
         step_scheduler_with_optimizer=False,
+        # A collective waiting on a silent process fails after this long instead of hanging (see run_failing_fast).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
     )
     if accelerator.num_processes != world_size_env:
         fail(
@@ -559,13 +676,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"gpt-pretrain: {progress_note}", flush=True)
     progress = tqdm(total=args.max_train_steps, disable=not is_main, desc="train", mininterval=1.0, dynamic_ncols=True)
     model.train()
-    completed_steps, window_loss = 0, torch.zeros((), device=accelerator.device)
+    completed_steps, skipped_steps, window_loss = 0, 0, torch.zeros((), device=accelerator.device)
     train_batches = train_loader
     if resume_from is not None:
         # Weights, optimizer, schedule and RNG come back as they were; the data continues where it stopped,
         # because the sampler replays the same seeded stream and the batches already trained on are skipped.
+        state = check_checkpoint(resume_from, accelerator)
         accelerator.load_state(str(resume_from))
-        completed_steps = json.loads((resume_from / "training_state.json").read_text())["step"]
+        completed_steps, skipped_steps = state["step"], state.get("skipped_steps", 0)
         train_batches = accelerator.skip_first_batches(train_loader, completed_steps * args.gradient_accumulation_steps)
         progress.update(completed_steps)
         if is_main:  # forget what the interrupted run logged after its checkpoint
@@ -577,6 +695,7 @@ def main(argv: list[str] | None = None) -> dict:
             (output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
             print(f"gpt-pretrain: resumed from {resume_from} at step {completed_steps}", flush=True)
     train_loss = eval_loss = float("nan")
+    preemption = on_preemption_signals(accelerator)
     train_start = interval_start = time.perf_counter()
     for inputs, targets in train_batches:
         with accelerator.accumulate(model):
@@ -585,13 +704,35 @@ def main(argv: list[str] | None = None) -> dict:
             # Kept on the device: reading it with .item() every step would synchronise for nothing.
             window_loss += loss.detach() / args.gradient_accumulation_steps
             accelerator.backward(loss)  # divides by the accumulation steps; all-reduces only at the boundary
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()  # a no-op on accumulation micro-steps
+            finite = True
+            if accelerator.sync_gradients:
+                # The norm of the averaged gradient is the same on every rank, so all ranks decide alike.
+                # (fp16's loss scaler skips overflowing steps by itself and lowers its scale.)
+                grad_norm = accelerator.clip_grad_norm_(
+                    model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+                )
+                finite = bool(torch.isfinite(grad_norm)) or accelerator.scaler is not None
+            if finite:
+                optimizer.step()  # a no-op on accumulation micro-steps
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
-        # One optimizer step is done: the schedule advances once, whatever the number of processes.
+        if not finite:
+            # A NaN or inf gradient: the weights are still those of the last good step. Skip it if allowed, else
+            # stop before anything (a checkpoint, the final model) is written from a broken state.
+            skipped_steps += 1
+            latest = output_dir / "checkpoints" / "latest"
+            if skipped_steps > args.nonfinite_skip_limit:
+                stop(
+                    f"gradient norm is {float(grad_norm)} at optimizer step {completed_steps + 1}; stopped without saving "
+                    f"(last checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}). Lower "
+                    "--learning_rate, check the data, or allow skips with --nonfinite_skip_limit N"
+                )
+            log({"step": completed_steps + 1, "skipped_nonfinite_step": skipped_steps})
+            if is_main:
+                progress.write(f"step {completed_steps + 1}: gradient norm {float(grad_norm)}, step skipped")
+            window_loss.zero_()
+        # One optimizer step is done (or skipped): the schedule advances once, whatever the number of processes.
         lr_scheduler.step()
         completed_steps += 1
         progress.update(1)
@@ -599,7 +740,7 @@ def main(argv: list[str] | None = None) -> dict:
             # The mean over all processes is the loss of the whole global batch.
             train_loss = accelerator.reduce(window_loss, reduction="mean").item()
             if not math.isfinite(train_loss):
-                fail(
+                stop(
                     f"the training loss became {train_loss} at step {completed_steps}: lower --learning_rate "
                     "or use --mixed_precision bf16 instead of fp16"
                 )
@@ -628,9 +769,20 @@ def main(argv: list[str] | None = None) -> dict:
             if is_main:
                 progress.write(f"step {completed_steps:>6} | val loss {eval_loss:.4f}")
             interval_start += time.perf_counter() - eval_start  # evaluation time is not training throughput
-        if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
-            if completed_steps < args.max_train_steps:  # the end of training saves the model itself
-                save_checkpoint(accelerator, output_dir, completed_steps, args.checkpoints_total_limit)
+        if completed_steps >= args.max_train_steps:
+            break  # the end of training saves the model itself (a signal now lets it finish)
+        preempted = accelerator.check_trigger()  # a signal on any rank: every rank checkpoints, then exits
+        if preempted or (args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0):
+            save_checkpoint(accelerator, output_dir, completed_steps, skipped_steps, args.checkpoints_total_limit)
+        if preempted:
+            if is_main:
+                progress.write(
+                    f"gpt-pretrain: preempted ({preemption.get('signal', 'a signal to another rank')}) at step "
+                    f"{completed_steps}: checkpoint written, exit status {PREEMPTED_EXIT_CODE}; run the same command "
+                    "with --resume_from_checkpoint latest to continue"
+                )
+            accelerator.end_training()
+            raise SystemExit(PREEMPTED_EXIT_CODE)
     progress.close()
     train_runtime = time.perf_counter() - train_start
 
@@ -687,4 +839,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_failing_fast(main)

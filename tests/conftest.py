@@ -148,3 +148,26 @@ def tiny_gpt_run(tmp_path_factory, token_cache) -> Path:
     load_recipe("gpt_pretrain").main(gpt_args(output_dir, token_cache, *extra))
     reset_accelerate_state()
     return output_dir
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant at once, as a machine that dies would. (torch's launcher starts each
+    rank in a session of its own, so killing the launcher's process group leaves the ranks running.)"""
+    import contextlib
+    import signal
+
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    def descends(candidate: int) -> bool:
+        while candidate > 1:
+            candidate = parents.get(candidate, 0)
+            if candidate == pid:
+                return True
+        return False
+
+    for victim in [pid, *filter(descends, parents)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPES_DIR, free_port, gpt_args, load_recipe, read_metrics, saved_parameters, subprocess_env
+from conftest import (
+    RECIPES_DIR,
+    free_port,
+    gpt_args,
+    kill_process_tree,
+    load_recipe,
+    read_metrics,
+    saved_parameters,
+    subprocess_env,
+)
 
 
 def gpt_resumable_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
@@ -58,8 +68,7 @@ def run_and_kill_after_first_checkpoint(recipe: str, procs: int, args: list[str]
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.02)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # every process of the run, at once, mid-training
+        kill_process_tree(process.pid)  # every process of the run, at once, mid-training
         process.wait()
     assert not (output_dir / "all_results.json").exists(), "the run finished before it was killed"
 
@@ -144,3 +153,118 @@ def test_resume_from_latest_with_no_checkpoint_starts_fresh_and_a_bad_path_is_re
     assert exit_info.value.code == 2
     assert "is not a gpt-pretrain checkpoint" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "all_results.json").read_text())["optimizer_steps"] == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM or SIGUSR1 makes every rank finish its step, checkpoint and exit 75; the same command with
+# --resume_from_checkpoint latest then ends exactly where an uninterrupted run ends.
+
+
+def signal_after_first_checkpoint(recipe: str, procs: int, args: list[str], output_dir: Path, send) -> tuple:
+    """Start a run, wait for its first checkpoint, call send(process) to signal it; its exit status and output."""
+    process = subprocess.Popen(command(recipe, procs, args), env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    try:
+        while not (output_dir / "checkpoints" / "latest").is_file():
+            assert process.poll() is None, "the run ended before writing a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.02)
+        send(process)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        kill_process_tree(process.pid)
+    assert not (output_dir / "all_results.json").exists(), "the run finished before the signal"
+    assert "preempted" in output, output[-2000:]
+    return process.returncode, output
+
+
+def rank_process(launcher_pid: int, rank: int) -> int:
+    """The pid of the worker with RANK=rank among the launcher's descendants."""
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == launcher_pid:
+                return True
+        return False
+
+    for pid in filter(descends, parents):
+        with contextlib.suppress(OSError):
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    raise AssertionError(f"no rank {rank} worker under {launcher_pid}")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "procs", "how"),
+    [("gpt-pretrain", 1, "SIGUSR1"), ("gpt-pretrain", 2, "SIGTERM to accel-dp"),
+     ("gpt-pretrain", 2, "SIGUSR1 to rank 1 only"), ("glue-bert", 1, "SIGTERM")],
+)  # fmt: skip
+def test_preempted_run_checkpoints_exits_75_and_resumes_bitwise_equal(
+    tmp_path, token_cache, uninterrupted, recipe, procs, how
+):
+    whole, preempted = uninterrupted(recipe, procs), tmp_path / "preempted"
+
+    def args(*extra):
+        if recipe == "gpt-pretrain":
+            return gpt_resumable_args(preempted, token_cache, "--checkpointing_steps", "20", *extra)
+        return glue_resumable_args(preempted, "--checkpointing_steps", "3", *extra)
+
+    senders = {
+        "SIGUSR1": lambda process: process.send_signal(signal.SIGUSR1),
+        "SIGTERM": lambda process: process.send_signal(signal.SIGTERM),
+        "SIGTERM to accel-dp": lambda process: process.send_signal(signal.SIGTERM),
+        "SIGUSR1 to rank 1 only": lambda process: os.kill(rank_process(process.pid, 1), signal.SIGUSR1),
+    }
+    code, output = signal_after_first_checkpoint(recipe, procs, args(), preempted, senders[how])
+    if how == "SIGUSR1 to rank 1 only":  # the launcher was not signalled: it reports its ranks' 75 and exits 1
+        exit_codes = re.findall(r"exitcode\s*:\s*(-?\d+)", output)  # every rank the launcher lists
+        # (Once one rank has exited, the launcher SIGTERMs the other, which may be past its handler by then: -15.)
+        assert code == 1 and "75" in exit_codes and set(exit_codes) <= {"75", "-15"}, output[-3000:]
+        assert "preempted (a signal to another rank)" in output
+    else:
+        assert code == 75, output[-3000:]
+    latest = (preempted / "checkpoints" / "latest").read_text()
+    state = json.loads((preempted / "checkpoints" / latest / "training_state.json").read_text())
+    assert state["world_size"] == procs
+    assert all((preempted / "checkpoints" / latest / f"random_states_{r}.pkl").is_file() for r in range(procs))
+    run(recipe, procs, args("--resume_from_checkpoint", "latest"))
+    assert torch.equal(saved_parameters(preempted), saved_parameters(whole))
+    assert loss_curve(preempted) == loss_curve(whole)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fail fast: a node that dies makes the survivors stop within seconds, naming the lost rank.
+
+
+def test_when_a_node_dies_the_other_stops_within_seconds_naming_the_lost_rank(tmp_path, token_cache):
+    port = free_port()
+    nodes = []
+    for rank in (0, 1):
+        argv = [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--nodes", "2", "--procs", "1",
+                "--node-rank", str(rank), "--main-ip", "127.0.0.1", "--main-port", str(port), "--",
+                *gpt_resumable_args(tmp_path / f"node{rank}", token_cache, "--max_train_steps", "100000")]  # fmt: skip
+        nodes.append(subprocess.Popen(argv, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "node0" / "metrics.jsonl").is_file():  # both ranks are training
+            assert all(node.poll() is None for node in nodes), "a node stopped before training"
+            assert time.monotonic() < deadline, "no training within 180 s"
+            time.sleep(0.05)
+        kill_process_tree(nodes[1].pid)  # node 1 vanishes: launcher and rank at once
+        killed_at = time.monotonic()
+        _, stderr = nodes[0].communicate(timeout=60)
+        stopped_after = time.monotonic() - killed_at
+    finally:
+        for node in nodes:
+            kill_process_tree(node.pid)
+    assert nodes[0].returncode not in (0, None)
+    assert stopped_after < 30
+    assert "rank 0: lost contact with rank 1" in stderr, stderr[-3000:]
+    assert not (tmp_path / "node0" / "all_results.json").exists()
