@@ -12,7 +12,7 @@ from rich.table import Table
 from . import __version__
 from .configs import describe_config, list_configs
 from .errors import UsageError
-from .launch import RunOptions, build_launch, detect_gpus, run_launch
+from .launch import RunOptions, build_launch, detect_gpus, run_launch, settle_main_port
 from .recipes import get_recipe, list_recipes
 
 app = typer.Typer(
@@ -158,6 +158,8 @@ def run_command(
         # Without --gpus and --cpu, look at the machine; with --dry-run, assume it has what was asked for.
         needs_machine = not cpu and not (dry_run and gpus is not None)
         gpus_available = detect_gpus() if needs_machine else (gpus or 0)
+        if not dry_run:
+            options = settle_main_port(options)
         launch = build_launch(recipe_path, options, gpus_available)
     except UsageError as err:
         fail(str(err))

@@ -50,4 +50,13 @@ def config_distributed_type(path: Path) -> str:
         raise UsageError(
             f"config {path} has no distributed_type: it is not an accelerate config (see `accelerate config`)"
         )
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    try:  # accelerate's own loader: unknown keys and values fail here, not after the launch has started
+        load_config_from_file(str(path))
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(
+            f"config {path} is not a valid accelerate config ({first}): fix it or choose another"
+        ) from None
     return str(loaded["distributed_type"]).upper()

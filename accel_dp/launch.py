@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .configs import config_distributed_type, resolve_config
@@ -123,6 +124,41 @@ def build_launch(recipe_path: Path, options: RunOptions, gpus_available: int, py
     where = f" x {options.nodes} nodes (this is node {options.node_rank})" if options.nodes > 1 else ""
     summary = f"{recipe_path.stem.replace('_', '-')} on {device_words}{where} with {config.name}"
     return Launch(argv=argv, env=env, summary=summary)
+
+
+DEFAULT_MAIN_PORT = 29500  # torchrun's and accelerate's default
+
+
+def port_is_free(port: int) -> bool:
+    """Whether this machine can listen on `port` (what the main node's rendezvous will do)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def any_free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def settle_main_port(options: RunOptions, is_free=port_is_free, pick=any_free_port) -> RunOptions:
+    """The main node needs its rendezvous port free. The default port, if taken (another job), is swapped for a
+    free one on a single machine; a port the user chose, or one all nodes must agree on, is an error."""
+    if options.node_rank != 0:
+        return options  # only the main node listens
+    port = options.main_port if options.main_port is not None else DEFAULT_MAIN_PORT
+    if is_free(port):
+        return options
+    if options.main_port is None and options.nodes == 1:
+        return replace(options, main_port=pick())
+    raise UsageError(
+        f"port {port} is already in use on this machine (another training job?): pass --main-port with a free port "
+        f"(e.g. --main-port {pick()}) on every node"
+    )
 
 
 def detect_gpus() -> int:

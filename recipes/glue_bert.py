@@ -123,7 +123,7 @@ DEFAULT_TASK = "mrpc"
 
 def fail(message: str) -> None:
     """Bad input: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, under any progress bar
     raise SystemExit(2)
 
 
@@ -465,7 +465,7 @@ FAILED_EXIT_CODE = 1  # a lost process, or a non-finite gradient: nothing was ov
 
 def stop(message: str) -> None:
     """A failure during training (not bad input): one line, exit status 1."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, under any progress bar
     raise SystemExit(FAILED_EXIT_CODE)
 
 
@@ -673,6 +673,7 @@ def main(argv=None) -> dict:
         fail(decision[1])
     output_dir = Path(decision[0])
     resume_from = find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    resume_state = check_checkpoint(resume_from, accelerator) if resume_from else None  # before any work
 
     # ------------------------------------------------------------------ data
     splits = load_splits(args, accelerator)
@@ -871,7 +872,7 @@ def main(argv=None) -> dict:
         # Weights, optimizer and every rank's RNG come back from accelerate's files; the rest from ours. The epoch's
         # shuffle generator is rewound to its state at the start of the epoch and the batches already trained on
         # are skipped, so no example is replayed or left out.
-        state = check_checkpoint(resume_from, accelerator)
+        state = resume_state
         accelerator.load_state(str(resume_from))
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         shuffle_generator.set_state(torch.tensor(state["shuffle_generator_state"], dtype=torch.uint8))

@@ -59,7 +59,7 @@ CACHE_FORMAT_VERSION = 1
 
 def fail(message: str) -> None:
     """Stop on bad input with one line that says what is wrong and what to do; exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, under any progress bar
     raise SystemExit(2)
 
 
@@ -350,7 +350,7 @@ FAILED_EXIT_CODE = 1  # a lost process, or a non-finite gradient: nothing was ov
 
 def stop(message: str) -> None:
     """A failure during training (not bad input): one line, exit status 1."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, under any progress bar
     raise SystemExit(FAILED_EXIT_CODE)
 
 
@@ -546,6 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
             "or continue it with --resume_from_checkpoint latest"
         )
     resume_from = find_checkpoint(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    resume_state = check_checkpoint(resume_from, accelerator) if resume_from else None  # before any work
 
     # ---------------------------------------------------------------------------------------------- data
     cache_entry, meta = prepare_token_cache(args, accelerator)
@@ -681,7 +682,7 @@ def main(argv: list[str] | None = None) -> dict:
     if resume_from is not None:
         # Weights, optimizer, schedule and RNG come back as they were; the data continues where it stopped,
         # because the sampler replays the same seeded stream and the batches already trained on are skipped.
-        state = check_checkpoint(resume_from, accelerator)
+        state = resume_state
         accelerator.load_state(str(resume_from))
         completed_steps, skipped_steps = state["step"], state.get("skipped_steps", 0)
         train_batches = accelerator.skip_first_batches(train_loader, completed_steps * args.gradient_accumulation_steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,18 @@ def test_bad_requests_are_refused_with_a_fix(options, message):
     gpus_available = options.pop("gpus_available", 0)
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build(gpus_available=gpus_available, **options)
+
+
+def test_a_taken_default_port_is_swapped_for_a_free_one_but_a_chosen_or_shared_port_is_an_error():
+    from accel_dp.launch import settle_main_port
+
+    taken = {29500, 31000}.__contains__
+    single = RunOptions(cpu=True, procs=2)
+    assert settle_main_port(single, is_free=lambda p: not taken(p), pick=lambda: 40001).main_port == 40001
+    assert settle_main_port(single, is_free=lambda p: True, pick=lambda: 40001).main_port is None  # left alone
+    with pytest.raises(UsageError, match="port 31000 is already in use"):
+        settle_main_port(replace(single, main_port=31000), is_free=lambda p: not taken(p), pick=lambda: 40001)
+    two_nodes = RunOptions(cpu=True, procs=1, nodes=2, main_ip="10.0.0.1")
+    with pytest.raises(UsageError, match="port 29500 is already in use"):  # every node must agree on it
+        settle_main_port(two_nodes, is_free=lambda p: not taken(p), pick=lambda: 40001)
+    assert settle_main_port(replace(two_nodes, node_rank=1), is_free=lambda p: False) == replace(two_nodes, node_rank=1)

@@ -1,0 +1,198 @@
+"""Every row of docs/errors.md: the bad input gives its one-line message, exit status 2, and writes nothing.
+
+The table in docs/errors.md is the specification: each row names a case below and the message it must print, so
+the documentation and the behaviour cannot drift apart. A case builds its input in tmp_path and returns the
+command; the test runs it, then checks the message, the exit status, and that no file under tmp_path was
+created, changed or removed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA_DIR, REPO_ROOT, gpt_args, load_recipe, reset_accelerate_state
+from typer.testing import CliRunner
+
+from accel_dp.cli import app
+
+ERRORS_DOC = REPO_ROOT / "docs" / "errors.md"
+MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+
+
+def documented_rows() -> dict[str, str]:
+    """{case id: message excerpt} from the table in docs/errors.md (first and last columns, in backticks)."""
+    rows = {}
+    for line in ERRORS_DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and re.fullmatch(r"`[a-z0-9-]+`", cells[0]):
+            rows[cells[0].strip("`")] = cells[-1].strip("`").strip()
+    return rows
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def glue_small(tmp: Path, *extra: str) -> list[str]:
+    return ["--max_train_samples", "8", "--max_eval_samples", "8", "--max_length", "32",
+            "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "out"), *extra]  # fmt: skip
+
+
+def mrpc_folder(tmp: Path, train_rows: str, header: str = MRPC_HEADER) -> Path:
+    folder = tmp / "MRPC"
+    folder.mkdir()
+    (folder / "train.tsv").write_text(header + train_rows)
+    (folder / "dev.tsv").write_text((DATA_DIR / "glue" / "MRPC" / "dev.tsv").read_text(encoding="utf-8-sig"))
+    return folder
+
+
+def checkpoint_of(recipe: str, tmp: Path, token_cache: Path) -> Path:
+    """A real checkpoint: a 2-step run that saves after step 1."""
+    out = tmp / "trained"
+    if recipe == "gpt":
+        load_recipe("gpt_pretrain").main(gpt_args(out, token_cache, "--max_train_steps", "2", "--checkpointing_steps",
+                                                  "1", "--sample_tokens", "0"))  # fmt: skip
+    else:
+        load_recipe("glue_bert").main(glue_small(tmp, "--output_dir", str(out), "--max_train_steps", "2",
+                                                 "--checkpointing_steps", "1"))  # fmt: skip
+    reset_accelerate_state()
+    return out / "checkpoints" / "step-0000001"
+
+
+def gpt(tmp: Path, token_cache: Path, *extra: str) -> tuple[str, list[str]]:
+    return "gpt_pretrain", gpt_args(tmp / "out", token_cache, "--sample_tokens", "0", *extra)
+
+
+def glue(tmp: Path, *extra: str) -> tuple[str, list[str]]:
+    return "glue_bert", glue_small(tmp, *extra)
+
+
+def cli(*argv: str) -> tuple[str, list[str]]:
+    return "accel-dp", list(argv)
+
+
+def corrupt(checkpoint: Path) -> Path:
+    data = (checkpoint / "model.safetensors").read_bytes()
+    (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])  # a save cut short
+    return checkpoint
+
+
+def written_by_two_processes(checkpoint: Path) -> Path:
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    (checkpoint / "training_state.json").write_text(json.dumps({**state, "world_size": 2}))
+    return checkpoint
+
+
+def busy_port(tmp: Path) -> int:
+    sock = socket.socket()
+    sock.bind(("", 0))
+    sock.listen()
+    busy_port.held.append(sock)  # kept open until the test ends
+    return sock.getsockname()[1]
+
+
+busy_port.held = []
+
+CASES = {
+    # gpt-pretrain
+    "gpt-missing-data-file": lambda t, c: gpt(t, c, "--train_file", str(t / "nope.txt")),
+    "gpt-empty-data-file": lambda t, c: (
+        (t / "empty.txt").write_text(""),
+        gpt(t, c, "--train_file", str(t / "empty.txt")),
+    )[1],
+    "gpt-not-utf8": lambda t, c: (
+        (t / "latin1.txt").write_bytes("café au lait\n".encode("latin-1") * 200),
+        gpt(t, c, "--train_file", str(t / "latin1.txt")),
+    )[1],
+    "gpt-block-size-beyond-positions": lambda t, c: ("gpt_pretrain", [  # a saved model with 32 positions
+        "--model_name_or_path", str(checkpoint_of("gpt", t, c).parents[1]), "--block_size", "64",
+        "--cache_dir", str(c), "--output_dir", str(t / "out")]),
+    "gpt-batch-size-zero": lambda t, c: gpt(t, c, "--per_device_train_batch_size", "0"),
+    "gpt-batch-size-negative": lambda t, c: gpt(t, c, "--per_device_train_batch_size", "-3"),
+    "gpt-output-dir-is-file": lambda t, c: ((t / "file").write_text("x"), gpt(t, c, "--output_dir", str(t / "file")))[1],
+    "gpt-resume-missing": lambda t, c: gpt(t, c, "--resume_from_checkpoint", str(t / "nope")),
+    "gpt-resume-not-a-checkpoint": lambda t, c: ((t / "d").mkdir(), gpt(t, c, "--resume_from_checkpoint", str(t / "d")))[1],
+    "gpt-corrupted-checkpoint": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(corrupt(checkpoint_of("gpt", t, c))), "--max_train_steps", "2"
+    ),
+    "gpt-checkpoint-other-world-size": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(written_by_two_processes(checkpoint_of("gpt", t, c))),
+        "--max_train_steps", "2",
+    ),
+    "gpt-checkpointing-steps-not-a-number": lambda t, c: gpt(t, c, "--checkpointing_steps", "often"),
+    "gpt-fp16-on-cpu": lambda t, c: gpt(t, c, "--mixed_precision", "fp16"),
+    # glue-bert
+    "glue-unknown-task": lambda t, c: glue(t, "--task", "squad"),
+    "glue-missing-data-file": lambda t, c: glue(t, "--train_file", str(t / "a.csv"), "--validation_file", str(t / "b.csv")),
+    "glue-empty-data-file": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "", header=""))),
+    "glue-tsv-wrong-columns": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "1\ta\tb\n", header="label\tx\ty\n"))),
+    "glue-label-out-of-range": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "7\t1\t2\tA man.\tA guy.\n"))),
+    "glue-batch-size-zero": lambda t, c: glue(t, "--per_device_train_batch_size", "0"),
+    "glue-batch-size-negative": lambda t, c: glue(t, "--per_device_train_batch_size", "-3"),
+    "glue-output-dir-is-file": lambda t, c: ((t / "file").write_text("x"), glue(t, "--output_dir", str(t / "file")))[1],
+    "glue-resume-missing": lambda t, c: glue(t, "--resume_from_checkpoint", str(t / "nope")),
+    "glue-resume-not-a-checkpoint": lambda t, c: ((t / "d").mkdir(), glue(t, "--resume_from_checkpoint", str(t / "d")))[1],
+    "glue-corrupted-checkpoint": lambda t, c: glue(
+        t, "--resume_from_checkpoint", str(corrupt(checkpoint_of("glue", t, c))), "--max_train_steps", "2"
+    ),
+    "glue-checkpoint-other-world-size": lambda t, c: glue(
+        t, "--resume_from_checkpoint", str(written_by_two_processes(checkpoint_of("glue", t, c))),
+        "--max_train_steps", "2",
+    ),
+    "glue-checkpointing-steps-not-a-number": lambda t, c: glue(t, "--checkpointing_steps", "often"),
+    "glue-fp16-on-cpu": lambda t, c: glue(t, "--mixed_precision", "fp16"),
+    # accel-dp run
+    "cli-unknown-recipe": lambda t, c: cli("run", "bert-pretrain", "--cpu"),
+    "cli-missing-config": lambda t, c: cli("run", "gpt-pretrain", "--config", str(t / "nope.yaml")),
+    "cli-invalid-config": lambda t, c: (
+        (t / "bad.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPUS\n"),
+        cli("run", "gpt-pretrain", "--config", str(t / "bad.yaml")),
+    )[1],
+    "cli-not-a-config": lambda t, c: (
+        (t / "notes.yaml").write_text("- just\n- a list\n"),
+        cli("run", "gpt-pretrain", "--config", str(t / "notes.yaml")),
+    )[1],
+    "cli-gpus-beyond-machine": lambda t, c: cli("run", "gpt-pretrain", "--gpus", "8"),
+    "cli-port-in-use": lambda t, c: cli("run", "gpt-pretrain", "--cpu", "--procs", "2", "--main-port", str(busy_port(t))),
+    "cli-fp16-on-cpu": lambda t, c: cli("run", "gpt-pretrain", "--cpu", "--mixed-precision", "fp16"),
+}  # fmt: skip
+
+
+def snapshot(root: Path) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_every_documented_error_has_a_case_and_every_case_is_documented():
+    assert set(documented_rows()) == set(CASES)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(case, tmp_path, token_cache, capsys):
+    message = documented_rows()[case]
+    program, argv = CASES[case](tmp_path, token_cache)
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    if program == "accel-dp":
+        result = CliRunner().invoke(app, argv)
+        code, stderr = result.exit_code, result.stderr
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            load_recipe(program).main(argv)
+        code, stderr = exit_info.value.code, capsys.readouterr().err
+    for sock in busy_port.held:
+        sock.close()
+    busy_port.held.clear()
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2, stderr
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert snapshot(tmp_path) == before  # nothing created, changed or removed
