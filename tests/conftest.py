@@ -150,8 +150,8 @@ def tiny_gpt_run(tmp_path_factory, token_cache) -> Path:
     return output_dir
 
 
-def kill_process_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant at once, as a machine that dies would. (torch's launcher starts each
+def kill_process_tree(pid: int, sig: int | None = None) -> None:
+    """SIGKILL (or `sig`) a process and every descendant at once, as a machine that dies would. (torch's launcher starts each
     rank in a session of its own, so killing the launcher's process group leaves the ranks running.)"""
     import contextlib
     import signal
@@ -170,4 +170,4 @@ def kill_process_tree(pid: int) -> None:
 
     for victim in [pid, *filter(descends, parents)]:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(victim, signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL if sig is None else sig)

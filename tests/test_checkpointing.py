@@ -242,13 +242,17 @@ def test_preempted_run_checkpoints_exits_75_and_resumes_bitwise_equal(
 # Fail fast: a node that dies makes the survivors stop within seconds, naming the lost rank.
 
 
-def test_when_a_node_dies_the_other_stops_within_seconds_naming_the_lost_rank(tmp_path, token_cache):
+@pytest.mark.parametrize("failure", ["killed", "frozen"])
+def test_when_a_node_dies_or_hangs_the_other_stops_within_seconds_naming_the_lost_rank(tmp_path, token_cache, failure):
+    """killed: its sockets close and the next collective fails at once. frozen (SIGSTOP, like a hung machine):
+    nothing closes, and --ddp_timeout bounds the wait."""
     port = free_port()
     nodes = []
     for rank in (0, 1):
         argv = [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--nodes", "2", "--procs", "1",
                 "--node-rank", str(rank), "--main-ip", "127.0.0.1", "--main-port", str(port), "--",
-                *gpt_resumable_args(tmp_path / f"node{rank}", token_cache, "--max_train_steps", "100000")]  # fmt: skip
+                *gpt_resumable_args(tmp_path / f"node{rank}", token_cache, "--max_train_steps", "100000",
+                                    "--ddp_timeout", "10")]  # fmt: skip
         nodes.append(subprocess.Popen(argv, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True, start_new_session=True))  # fmt: skip
     try:
@@ -257,7 +261,10 @@ def test_when_a_node_dies_the_other_stops_within_seconds_naming_the_lost_rank(tm
             assert all(node.poll() is None for node in nodes), "a node stopped before training"
             assert time.monotonic() < deadline, "no training within 180 s"
             time.sleep(0.05)
-        kill_process_tree(nodes[1].pid)  # node 1 vanishes: launcher and rank at once
+        if failure == "killed":
+            kill_process_tree(nodes[1].pid)  # node 1 vanishes: launcher and rank at once
+        else:
+            kill_process_tree(nodes[1].pid, signal.SIGSTOP)  # node 1 stops answering
         killed_at = time.monotonic()
         _, stderr = nodes[0].communicate(timeout=60)
         stopped_after = time.monotonic() - killed_at
@@ -265,6 +272,6 @@ def test_when_a_node_dies_the_other_stops_within_seconds_naming_the_lost_rank(tm
         for node in nodes:
             kill_process_tree(node.pid)
     assert nodes[0].returncode not in (0, None)
-    assert stopped_after < 30
+    assert stopped_after < {"killed": 30, "frozen": 45}[failure]  # frozen: the 10 s timeout, then the check-in
     assert "rank 0: lost contact with rank 1" in stderr, stderr[-3000:]
     assert not (tmp_path / "node0" / "all_results.json").exists()
