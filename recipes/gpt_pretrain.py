@@ -35,7 +35,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, load, set_seed
+from accelerate.local_sgd import LocalSGD
+from accelerate.utils import (
+    DDPCommunicationHookType,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    gather_object,
+    load,
+    set_seed,
+)
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import (
@@ -134,6 +143,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=600,
         help="Seconds a collective waits for a silent process before all stop (raise it for very slow data prep).",
     )
+    comm = parser.add_argument_group("data-parallel communication (several processes; docs/data_parallel.md)")
+    comm.add_argument(
+        "--ddp_comm_hook",
+        choices=["none", "fp16", "bf16", "powersgd"],
+        default="none",
+        help="How DDP all-reduces gradients: none (plain fp32), fp16/bf16 (cast to 16 bits: half the bytes; bf16 "
+        "needs GPUs with NCCL), powersgd (low-rank approximation with error feedback).",
+    )
+    comm.add_argument("--powersgd_rank", type=int, help="PowerSGD's matrix approximation rank (default 1).")
+    comm.add_argument(
+        "--powersgd_start_iter",
+        type=int,
+        help="Optimizer steps of plain all-reduce before PowerSGD compresses (default 10, at least 2).",
+    )
+    comm.add_argument(
+        "--local_sgd_steps",
+        type=int,
+        help="Local SGD: no gradient all-reduce; each process steps alone and the parameters are averaged every K "
+        "optimizer steps (and before each evaluation, checkpoint and the save).",
+    )
     args = parser.parse_args(argv)
 
     if args.checkpointing_steps is not None:
@@ -155,6 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.nonfinite_skip_limit < 0:
         fail(f"--nonfinite_skip_limit must be >= 0, got {args.nonfinite_skip_limit}")
+    check_communication_args(args)
     if not 0.0 < args.validation_split_fraction < 1.0:
         fail(f"--validation_split_fraction must be between 0 and 1, got {args.validation_split_fraction}")
     if args.dataset_name and (args.train_file or args.validation_file):
@@ -164,6 +194,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         fail("--n_layer/--n_head/--n_embd/--dropout shape a new model: drop them with --model_name_or_path")
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data-parallel communication: plain all-reduce (default), a compressing DDP hook, or Local SGD. The same code is in
+# both recipes; docs/data_parallel.md measures what each costs.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_communication_args(args) -> None:
+    """--ddp_comm_hook, --powersgd_* and --local_sgd_steps: bad values and contradictions, before anything runs."""
+    if args.ddp_comm_hook != "powersgd" and (args.powersgd_rank is not None or args.powersgd_start_iter is not None):
+        fail("--powersgd_rank and --powersgd_start_iter only apply with --ddp_comm_hook powersgd")
+    if args.powersgd_rank is not None and args.powersgd_rank < 1:
+        fail(f"--powersgd_rank must be a positive integer, got {args.powersgd_rank}")
+    if args.powersgd_start_iter is not None and args.powersgd_start_iter < 2:
+        fail(
+            f"--powersgd_start_iter must be at least 2 (DDP rebuilds its gradient buckets after the first step), "
+            f"got {args.powersgd_start_iter}"
+        )
+    if args.local_sgd_steps is not None and args.local_sgd_steps < 1:
+        fail(f"--local_sgd_steps must be a positive integer, got {args.local_sgd_steps}")
+    if args.local_sgd_steps is not None and args.ddp_comm_hook != "none":
+        fail(
+            f"--local_sgd_steps turns DDP's gradient all-reduce off, so --ddp_comm_hook {args.ddp_comm_hook} would "
+            "have nothing to compress: give one of them"
+        )
+
+
+def ddp_kwargs(args) -> DistributedDataParallelKwargs:
+    """What accelerate passes to DDP; it registers the --ddp_comm_hook on the model in prepare()."""
+    hook = {"none": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
+            "bf16": DDPCommunicationHookType.BF16, "powersgd": DDPCommunicationHookType.POWER_SGD}[args.ddp_comm_hook]  # fmt: skip
+    state = {}
+    if args.ddp_comm_hook == "powersgd":
+        # torch's default start (1000 steps of plain all-reduce) outlasts many whole fine-tunes, which would then
+        # never compress; 10 steps skip only the first, most violent updates. Error feedback and warm start: on.
+        state = {
+            "matrix_approximation_rank": args.powersgd_rank or 1,
+            "start_powerSGD_iter": args.powersgd_start_iter or 10,
+        }
+    return DistributedDataParallelKwargs(comm_hook=hook, comm_state_option=state)
+
+
+def check_parallel_mode(args, accelerator) -> None:
+    """Refuse what accelerate would silently run otherwise, once the Accelerator says how it runs (all ranks alike)."""
+    # `accelerate launch` with an FSDP or DeepSpeed config sets these; on CPU accelerate then runs plain DDP instead.
+    for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(variable, "").lower() in ("1", "true") and accelerator.distributed_type.name != name:
+            fail(
+                f"{name} was asked for ({variable}) but accelerate runs {accelerator.distributed_type.value}: on CPU "
+                f"it replaces {name} by plain DDP, every process holding the whole model. Shard on GPUs, or drop the "
+                "config (accel-dp run --config multi_cpu)"
+            )
+    flags = [flag for flag, given in (("--ddp_comm_hook", args.ddp_comm_hook != "none"),
+                                      ("--local_sgd_steps", args.local_sgd_steps is not None)) if given]  # fmt: skip
+    if not flags:
+        return
+    if accelerator.num_processes == 1:
+        if accelerator.is_main_process:
+            print(f"note: {' and '.join(flags)} change how processes communicate; one process alone has nothing to "
+                  "communicate, so they change nothing here", file=sys.stderr, flush=True)  # fmt: skip
+    elif accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+        fail(
+            f"{' and '.join(flags)} change DDP's gradient all-reduce, and {accelerator.distributed_type.value} does "
+            "not use DDP: drop them, or use a DDP config"
+        )
+    elif args.ddp_comm_hook == "bf16" and accelerator.device.type == "cpu":
+        fail("--ddp_comm_hook bf16 needs GPUs with NCCL (torch refuses it over gloo on CPU): use fp16 or powersgd")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -518,7 +616,8 @@ def main(argv: list[str] | None = None) -> dict:
         # The LR schedule below counts optimizer steps; accelerate's default would step it once per process.
         step_scheduler_with_optimizer=False,
         # A collective waiting on a silent process fails after this long instead of hanging (see run_failing_fast).
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
+        # ddp_kwargs: the gradient communication hook of --ddp_comm_hook (none: DDP's plain all-reduce).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)), ddp_kwargs(args)],
     )
     if accelerator.num_processes != world_size_env:
         fail(
@@ -526,6 +625,7 @@ def main(argv: list[str] | None = None) -> dict:
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` or `accel-dp run gpt-pretrain "
             "--cpu --procs N`"
         )
+    check_parallel_mode(args, accelerator)
     is_main = accelerator.is_main_process
 
     # The output folder: never write into a previous run's results unless asked to.
@@ -652,6 +752,8 @@ def main(argv: list[str] | None = None) -> dict:
     @torch.no_grad()
     def evaluate() -> float:
         """Mean loss over the fixed validation windows, gathered from all processes (no duplicates)."""
+        if local_sgd is not None:  # evaluate one model, the replicas' average (a sync between the every-K ones)
+            local_sgd._sync_and_avg_model_params()
         model.eval()
         losses = []
         for inputs, targets in val_loader:
@@ -697,6 +799,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"gpt-pretrain: resumed from {resume_from} at step {completed_steps}", flush=True)
     train_loss = eval_loss = float("nan")
     preemption = on_preemption_signals(accelerator)
+    # Local SGD (--local_sgd_steps K): accelerate's LocalSGD turns DDP's gradient all-reduce off (no_sync) and
+    # averages the parameters every K optimizer steps. Entered here and left after the loop rather than as a `with`
+    # around it: leaving averages the replicas, a collective that must not run on an error path with a peer gone.
+    local_sgd = None
+    if args.local_sgd_steps and accelerator.num_processes > 1:
+        local_sgd = LocalSGD(accelerator, model, local_sgd_steps=args.local_sgd_steps).__enter__()
+        local_sgd.num_steps = completed_steps  # a resumed run goes on averaging at multiples of K
     train_start = interval_start = time.perf_counter()
     for inputs, targets in train_batches:
         with accelerator.accumulate(model):
@@ -737,6 +846,8 @@ def main(argv: list[str] | None = None) -> dict:
         lr_scheduler.step()
         completed_steps += 1
         progress.update(1)
+        if local_sgd is not None:
+            local_sgd.step()  # every K-th optimizer step: average the replicas' parameters
         if completed_steps % args.log_every == 0 or completed_steps == args.max_train_steps:
             # The mean over all processes is the loss of the whole global batch.
             train_loss = accelerator.reduce(window_loss, reduction="mean").item()
@@ -774,6 +885,8 @@ def main(argv: list[str] | None = None) -> dict:
             break  # the end of training saves the model itself (a signal now lets it finish)
         preempted = accelerator.check_trigger()  # a signal on any rank: every rank checkpoints, then exits
         if preempted or (args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0):
+            if local_sgd is not None:  # rank 0's model is what is saved: make it the replicas' average
+                local_sgd._sync_and_avg_model_params()
             save_checkpoint(accelerator, output_dir, completed_steps, skipped_steps, args.checkpoints_total_limit)
         if preempted:
             if is_main:
@@ -785,6 +898,8 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.end_training()
             raise SystemExit(PREEMPTED_EXIT_CODE)
     progress.close()
+    if local_sgd is not None:
+        local_sgd.__exit__(None, None, None)  # a last average: the saved model is the replicas' mean
     train_runtime = time.perf_counter() - train_start
 
     # ---------------------------------------------------------------------------------------------- save
@@ -809,6 +924,8 @@ def main(argv: list[str] | None = None) -> dict:
         "train_runtime_s": train_runtime,
         "tokens_per_second": completed_steps * tokens_per_step / train_runtime,
         "mixed_precision": accelerator.mixed_precision,
+        "ddp_comm_hook": args.ddp_comm_hook,
+        "local_sgd_steps": args.local_sgd_steps,
         "total_runtime_s": time.perf_counter() - start_time,
     }
     if is_main:

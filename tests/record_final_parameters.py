@@ -6,6 +6,12 @@ Each rank writes RECORD_DIR/rank<i>.pt just before the recipe shuts accelerate d
 flattened final parameters, how many gradient all-reduces DDP ran (counted by a communication hook, since DDP's
 reducer is C++) in how many rounds over the buckets, and how many optimizer steps AdamW took. A test can then check replicas
 and communication independently of anything the recipe reports about itself.
+
+If the recipe registered a communication hook of its own (--ddp_comm_hook), the counting hook is left out (DDP takes
+one hook) and the record names the recipe's hook instead. Every rank also counts the bytes it hands to
+torch.distributed.all_reduce, by who calls it: "gradients" (DDP communication hooks, compressed or not), "parameters"
+(accelerate's LocalSGD averaging) and "other" (the recipe's loss and trigger reductions). Under LocalSGD it also keeps
+the parameters as they were right after the last `local_sgd.step()`, before the final averaging.
 """
 
 import importlib.util
@@ -14,12 +20,43 @@ import sys
 from pathlib import Path
 
 import accelerate
+import accelerate.local_sgd
 import torch
+import torch.distributed
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 record_dir, recipe_name, recipe_args = sys.argv[1], sys.argv[2], sys.argv[3:]
 allreduce = {"calls": 0, "rounds": 0}
+allreduce_bytes = {"gradients": 0, "parameters": 0, "other": 0}
+comm_hook = {"name": None}
+local_sgd = {"steps": 0, "parameters": None}
 original_prepare, original_end_training = accelerate.Accelerator.prepare, accelerate.Accelerator.end_training
+original_all_reduce, original_local_sgd_step = torch.distributed.all_reduce, accelerate.local_sgd.LocalSGD.step
+
+
+def caller_kind() -> str:
+    """Who called all_reduce: a DDP communication hook (also from a future's callback, as PowerSGD's second
+    all-reduce runs), accelerate's LocalSGD, or anything else."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace(os.sep, "/")
+        if "/ddp_comm_hooks/" in name:
+            return "gradients"
+        if name.endswith("accelerate/local_sgd.py"):
+            return "parameters"
+        frame = frame.f_back
+    return "other"
+
+
+def counting_all_reduce(tensor, *args, **kwargs):
+    allreduce_bytes[caller_kind()] += tensor.numel() * tensor.element_size()
+    return original_all_reduce(tensor, *args, **kwargs)
+
+
+def local_sgd_step_and_keep(self):
+    original_local_sgd_step(self)
+    local_sgd["steps"] += 1
+    local_sgd["parameters"] = torch.cat([p.detach().flatten().float() for p in self.model.parameters()])
 
 
 def counting_allreduce(process_group, bucket):
@@ -31,8 +68,11 @@ def counting_allreduce(process_group, bucket):
 def prepare_and_count(self, *objects, **kwargs):
     prepared = original_prepare(self, *objects, **kwargs)
     for model in prepared if isinstance(prepared, tuple) else (prepared,):
+        # DDP takes one hook: count rounds only when the recipe runs plain all-reduce (no hook of its own).
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model.register_comm_hook(state=None, hook=counting_allreduce)
+            comm_hook["name"] = model._get_ddp_logging_data().get("comm_hook")
+            if comm_hook["name"] is None:
+                model.register_comm_hook(state=None, hook=counting_allreduce)
     return prepared
 
 
@@ -46,6 +86,10 @@ def record_then_finish(self):
         "allreduce_rounds": allreduce["rounds"],
         "optimizer_steps": steps.pop() if len(steps) == 1 else steps,
         "last_lr": self._schedulers[0].get_last_lr()[0] if self._schedulers else None,
+        "comm_hook": comm_hook["name"],  # the recipe's own hook, as DDP names it; None: plain all-reduce
+        "allreduce_bytes": dict(allreduce_bytes),
+        "local_sgd_steps": local_sgd["steps"],
+        "parameters_after_last_local_sgd_step": local_sgd["parameters"],
     }
     torch.save(record, os.path.join(record_dir, f"rank{self.process_index}.pt"))
     original_end_training(self)
@@ -53,6 +97,8 @@ def record_then_finish(self):
 
 accelerate.Accelerator.prepare = prepare_and_count
 accelerate.Accelerator.end_training = record_then_finish
+torch.distributed.all_reduce = counting_all_reduce
+accelerate.local_sgd.LocalSGD.step = local_sgd_step_and_keep
 path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe_name}.py"
 spec = importlib.util.spec_from_file_location(recipe_name, path)
 recipe = importlib.util.module_from_spec(spec)
