@@ -40,7 +40,16 @@ import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, load, set_seed
+from accelerate.local_sgd import LocalSGD
+from accelerate.utils import (
+    DDPCommunicationHookType,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    gather_object,
+    load,
+    set_seed,
+)
 from safetensors.torch import load_file
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
@@ -246,6 +255,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=600,
         help="seconds a collective waits for a silent process before all stop (raise it for very slow data prep)",
     )
+    comm = p.add_argument_group("data-parallel communication (several processes; docs/data_parallel.md)")
+    comm.add_argument(
+        "--ddp_comm_hook",
+        choices=["none", "fp16", "bf16", "powersgd"],
+        default="none",
+        help="how DDP all-reduces gradients: none (plain fp32), fp16/bf16 (cast to 16 bits: half the bytes; bf16 "
+        "needs GPUs with NCCL), powersgd (low-rank approximation with error feedback)",
+    )
+    comm.add_argument(
+        "--powersgd_rank", type=int, default=None, help="PowerSGD's matrix approximation rank (default 1)"
+    )
+    comm.add_argument(
+        "--powersgd_start_iter",
+        type=int,
+        default=None,
+        help="optimizer steps of plain all-reduce before PowerSGD compresses (default 10, at least 2)",
+    )
+    comm.add_argument(
+        "--local_sgd_steps",
+        type=int,
+        default=None,
+        help="Local SGD: no gradient all-reduce; each process steps alone and the parameters are averaged every K "
+        "optimizer steps (and before each evaluation, checkpoint and the save)",
+    )
     args = p.parse_args(argv)
 
     # Validate everything that needs no data or model, so bad input costs nothing.
@@ -280,6 +313,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             fail(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.nonfinite_skip_limit < 0:
         fail(f"--nonfinite_skip_limit must be >= 0, got {args.nonfinite_skip_limit}")
+    check_communication_args(args)
     if args.checkpointing_steps not in (None, "epoch"):
         if not args.checkpointing_steps.isdigit() or int(args.checkpointing_steps) < 1:
             fail(
@@ -289,6 +323,74 @@ def parse_args(argv=None) -> argparse.Namespace:
     if (args.train_file is None) != (args.validation_file is None):
         fail("give both --train_file and --validation_file (or neither, to use --data_dir or the Hub)")
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data-parallel communication: plain all-reduce (default), a compressing DDP hook, or Local SGD. The same code is in
+# both recipes; docs/data_parallel.md measures what each costs.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_communication_args(args) -> None:
+    """--ddp_comm_hook, --powersgd_* and --local_sgd_steps: bad values and contradictions, before anything runs."""
+    if args.ddp_comm_hook != "powersgd" and (args.powersgd_rank is not None or args.powersgd_start_iter is not None):
+        fail("--powersgd_rank and --powersgd_start_iter only apply with --ddp_comm_hook powersgd")
+    if args.powersgd_rank is not None and args.powersgd_rank < 1:
+        fail(f"--powersgd_rank must be a positive integer, got {args.powersgd_rank}")
+    if args.powersgd_start_iter is not None and args.powersgd_start_iter < 2:
+        fail(
+            f"--powersgd_start_iter must be at least 2 (DDP rebuilds its gradient buckets after the first step), "
+            f"got {args.powersgd_start_iter}"
+        )
+    if args.local_sgd_steps is not None and args.local_sgd_steps < 1:
+        fail(f"--local_sgd_steps must be a positive integer, got {args.local_sgd_steps}")
+    if args.local_sgd_steps is not None and args.ddp_comm_hook != "none":
+        fail(
+            f"--local_sgd_steps turns DDP's gradient all-reduce off, so --ddp_comm_hook {args.ddp_comm_hook} would "
+            "have nothing to compress: give one of them"
+        )
+
+
+def ddp_kwargs(args) -> DistributedDataParallelKwargs:
+    """What accelerate passes to DDP; it registers the --ddp_comm_hook on the model in prepare()."""
+    hook = {"none": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
+            "bf16": DDPCommunicationHookType.BF16, "powersgd": DDPCommunicationHookType.POWER_SGD}[args.ddp_comm_hook]  # fmt: skip
+    state = {}
+    if args.ddp_comm_hook == "powersgd":
+        # torch's default start (1000 steps of plain all-reduce) outlasts many whole fine-tunes, which would then
+        # never compress; 10 steps skip only the first, most violent updates. Error feedback and warm start: on.
+        state = {
+            "matrix_approximation_rank": args.powersgd_rank or 1,
+            "start_powerSGD_iter": args.powersgd_start_iter or 10,
+        }
+    return DistributedDataParallelKwargs(comm_hook=hook, comm_state_option=state)
+
+
+def check_parallel_mode(args, accelerator) -> None:
+    """Refuse what accelerate would silently run otherwise, once the Accelerator says how it runs (all ranks alike)."""
+    # `accelerate launch` with an FSDP or DeepSpeed config sets these; on CPU accelerate then runs plain DDP instead.
+    for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(variable, "").lower() in ("1", "true") and accelerator.distributed_type.name != name:
+            fail(
+                f"{name} was asked for ({variable}) but accelerate runs {accelerator.distributed_type.value}: on CPU "
+                f"it replaces {name} by plain DDP, every process holding the whole model. Shard on GPUs, or drop the "
+                "config (accel-dp run --config multi_cpu)"
+            )
+    flags = [flag for flag, given in (("--ddp_comm_hook", args.ddp_comm_hook != "none"),
+                                      ("--local_sgd_steps", args.local_sgd_steps is not None)) if given]  # fmt: skip
+    if not flags:
+        return
+    if accelerator.num_processes == 1:
+        if accelerator.is_main_process:
+            print(f"note: {' and '.join(flags)} change how processes communicate; one process alone has nothing to "
+                  "communicate, so they change nothing here", file=sys.stderr, flush=True)  # fmt: skip
+    elif accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+        fail(
+            f"{' and '.join(flags)} change DDP's gradient all-reduce, and {accelerator.distributed_type.value} does "
+            "not use DDP: drop them, or use a DDP config"
+        )
+    elif args.ddp_comm_hook == "bf16" and accelerator.device.type == "cpu":
+        fail("--ddp_comm_hook bf16 needs GPUs with NCCL (torch refuses it over gloo on CPU): use fp16 or powersgd")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -630,7 +732,8 @@ def main(argv=None) -> dict:
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # A collective waiting on a silent process fails after this long instead of hanging (see run_failing_fast).
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout))],
+        # ddp_kwargs: the gradient communication hook of --ddp_comm_hook (none: DDP's plain all-reduce).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)), ddp_kwargs(args)],
     )
     if accelerator.num_processes != world_size_env:
         fail(
@@ -638,6 +741,7 @@ def main(argv=None) -> dict:
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1 recipes/glue_bert.py`, "
             "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N recipes/glue_bert.py`, or `accel-dp run glue-bert --cpu --procs N`"
         )
+    check_parallel_mode(args, accelerator)
     main_process = accelerator.is_main_process
     if not main_process:  # one copy of the libraries' chatter and progress bars, not one per process
         datasets.utils.logging.set_verbosity_error()
@@ -895,6 +999,8 @@ def main(argv=None) -> dict:
 
     def checkpoint(epoch: int, micro_step: int, epoch_generator_state: torch.Tensor) -> Path:
         """Everything needed to continue exactly from here: after micro-batch `micro_step` of `epoch`."""
+        if local_sgd is not None:  # rank 0's model is what is saved: make it the replicas' average
+            local_sgd._sync_and_avg_model_params()
         state = {
             "step": completed_steps,
             "epoch": epoch,
@@ -916,6 +1022,13 @@ def main(argv=None) -> dict:
 
     # ------------------------------------------------------------------ training loop
     preemption = on_preemption_signals(accelerator)
+    # Local SGD (--local_sgd_steps K): accelerate's LocalSGD turns DDP's gradient all-reduce off (no_sync) and
+    # averages the parameters every K optimizer steps. Entered here and left after the loop rather than as a `with`
+    # around it: leaving averages the replicas, a collective that must not run on an error path with a peer gone.
+    local_sgd = None
+    if args.local_sgd_steps and accelerator.num_processes > 1:
+        local_sgd = LocalSGD(accelerator, model, local_sgd_steps=args.local_sgd_steps).__enter__()
+        local_sgd.num_steps = completed_steps  # a resumed run goes on averaging at multiples of K
     progress = tqdm(total=max_train_steps, disable=not main_process, desc="training", dynamic_ncols=True)
     progress.update(completed_steps)
     step_loss = torch.zeros(2, device=accelerator.device)  # the same for the current optimizer step
@@ -989,6 +1102,8 @@ def main(argv=None) -> dict:
                 lr_scheduler.step()
             completed_steps += 1
             progress.update(1)
+            if local_sgd is not None:
+                local_sgd.step()  # every K-th optimizer step: average the replicas' parameters
             if completed_steps % args.log_every == 0 or completed_steps == max_train_steps:
                 # Mean loss over all processes; every rank gets the same value, so all stop together on NaN.
                 total = accelerator.reduce(window_loss, reduction="sum")
@@ -1034,6 +1149,8 @@ def main(argv=None) -> dict:
         train_time += time.perf_counter() - epoch_start
 
         # Evaluate after every epoch; the last one is the final result.
+        if local_sgd is not None:  # evaluate one model, the replicas' average (a sync between the every-K ones)
+            local_sgd._sync_and_avg_model_params()
         for split in eval_names:
             metrics, preds, labels = evaluate(split)
             suffix = "_mm" if split == "validation_mm" else ""
@@ -1051,6 +1168,8 @@ def main(argv=None) -> dict:
             epoch_start = time.perf_counter()  # the epoch's time is already counted in train_time
             checkpoint(epoch + 1, 0, shuffle_generator.get_state())  # the generator now holds the next epoch's start
     progress.close()
+    if local_sgd is not None:
+        local_sgd.__exit__(None, None, None)  # a last average: the saved model is the replicas' mean
 
     # ------------------------------------------------------------------ save
     accelerator.wait_for_everyone()
@@ -1071,6 +1190,8 @@ def main(argv=None) -> dict:
         "optimizer_steps": completed_steps,
         "global_batch_size": global_batch,
         "final_learning_rate": lr_scheduler.get_last_lr()[0],
+        "ddp_comm_hook": args.ddp_comm_hook,
+        "local_sgd_steps": args.local_sgd_steps,
         "train_runtime_s": round(train_time, 3),  # training only, evaluation excluded
         "train_samples_per_second": round(samples_seen / max(train_time, 1e-9), 3),
         "model_name_or_path": model_path,
