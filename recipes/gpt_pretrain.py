@@ -253,8 +253,8 @@ def check_parallel_mode(args, accelerator) -> None:
         return
     if accelerator.num_processes == 1:
         if accelerator.is_main_process:
-            print(f"note: {' and '.join(flags)} change how processes communicate; one process alone has nothing to "
-                  "communicate, so they change nothing here", file=sys.stderr, flush=True)  # fmt: skip
+            print(f"note: {' and '.join(flags)} ignored: one process alone has nothing to communicate",
+                  file=sys.stderr, flush=True)  # fmt: skip
     elif accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
         fail(
             f"{' and '.join(flags)} change DDP's gradient all-reduce, and {accelerator.distributed_type.value} does "

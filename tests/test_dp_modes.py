@@ -1,0 +1,212 @@
+"""Beyond plain all-reduce: compressed gradient hooks (--ddp_comm_hook), Local SGD (--local_sgd_steps), and FSDP on CPU.
+
+Each multi-process test runs real gloo processes under torchrun through tests/record_final_parameters.py, which
+records on every rank the hook DDP really runs, the bytes handed to all_reduce by who sent them, and the parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    CONFIGS_DIR,
+    RECIPES_DIR,
+    free_port,
+    gpt_args,
+    launch_and_record,
+    load_recipe,
+    read_metrics,
+    reset_accelerate_state,
+    saved_parameters,
+    subprocess_env,
+)
+
+STEPS = 6
+
+
+def run_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
+    """The tiny GPT in fp32 without dropout, a loss at every step, one evaluation at the end."""
+    return gpt_args(output_dir, token_cache, "--dropout", "0", "--max_train_steps", str(STEPS),
+                    "--num_warmup_steps", "2", "--log_every", "1", "--eval_every", str(STEPS), "--eval_iters", "2",
+                    "--mixed_precision", "no", "--sample_tokens", "0", *extra)  # fmt: skip
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(output_dir) if "loss" in r]
+
+
+def final_eval_loss(output_dir: Path) -> float:
+    return json.loads((output_dir / "all_results.json").read_text())["eval_loss"]
+
+
+def launch(tmp_path: Path, name: str, args: list[str], recipe: str = "gpt_pretrain") -> list[dict]:
+    record_dir = tmp_path / f"{name}-records"
+    record_dir.mkdir()
+    completed, records = launch_and_record(recipe, args, record_dir)
+    assert completed.returncode == 0 and len(records) == 2, completed.stderr[-3000:]
+    return records
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, token_cache) -> tuple[Path, list[dict]]:
+    """The reference: 2 processes, DDP's plain fp32 all-reduce."""
+    tmp_path = tmp_path_factory.mktemp("plain")
+    return tmp_path / "run", launch(tmp_path, "plain", run_args(tmp_path / "run", token_cache))
+
+
+@pytest.mark.parametrize(
+    ("flags", "hook"),
+    [(["--ddp_comm_hook", "fp16"], "fp16_compress_hook"),
+     (["--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "2", "--powersgd_rank", "1"], "powerSGD_hook")],
+    ids=["fp16", "powersgd"],
+)  # fmt: skip
+def test_gpt_compressing_hook_is_on_sends_fewer_bytes_and_still_trains(tmp_path, token_cache, plain, flags, hook):
+    plain_dir, plain_records = plain
+    records = launch(tmp_path, "hooked", run_args(tmp_path / "run", token_cache, *flags))
+    parameter_bytes = plain_records[0]["parameters"].numel() * 4
+    # Plain all-reduce: every step sends every fp32 gradient once (counted by the recorder's own hook).
+    assert plain_records[0]["comm_hook"] is None
+    assert plain_records[0]["allreduce_bytes"]["gradients"] == STEPS * parameter_bytes
+    for record in records:
+        assert record["comm_hook"] == hook  # what DDP itself reports it runs
+        sent = record["allreduce_bytes"]["gradients"]
+        if hook == "fp16_compress_hook":
+            assert sent == STEPS * parameter_bytes // 2
+        else:  # 2 steps of plain all-reduce (DDP rebuilds its buckets after step 1), then rank-1 factors P and Q
+            compressed = sent - 2 * parameter_bytes
+            assert 0 < compressed < (STEPS - 2) * parameter_bytes / 8
+    # Both ranks applied the same (decompressed) gradient; it is not plain all-reduce's, but training still works.
+    assert torch.equal(records[0]["parameters"], records[1]["parameters"])
+    assert (records[0]["parameters"] - plain_records[0]["parameters"]).abs().max() > 0
+    curve = losses(tmp_path / "run")
+    assert len(curve) == STEPS and curve[-1] < curve[0] - 0.1
+    assert abs(final_eval_loss(tmp_path / "run") - final_eval_loss(plain_dir)) < 0.05
+
+
+def test_gpt_local_sgd_replicas_drift_between_averages_and_end_averaged(tmp_path, token_cache):
+    """K = 3, 4 steps: averaged after step 3, then step 4 alone: the replicas differ; the end averages them."""
+    records = launch(tmp_path, "local", run_args(tmp_path / "run", token_cache, "--local_sgd_steps", "3",
+                                                 "--max_train_steps", "4", "--eval_every", "4"))  # fmt: skip
+    parameter_bytes = records[0]["parameters"].numel() * 4
+    before = [r["parameters_after_last_local_sgd_step"] for r in records]
+    assert (before[0] - before[1]).abs().max() > 1e-4
+    assert torch.equal(records[0]["parameters"], records[1]["parameters"])
+    assert (records[0]["parameters"] - (before[0] + before[1]) / 2).abs().max() <= 1e-6
+    for record in records:
+        assert record["local_sgd_steps"] == 4 and record["optimizer_steps"] == 4
+        assert record["allreduce_calls"] == 0  # DDP's gradient all-reduce never ran
+        assert record["allreduce_bytes"]["gradients"] == 0
+        # Whole parameters after step 3, before the evaluation at step 4, and once more at the end.
+        assert record["allreduce_bytes"]["parameters"] == 3 * parameter_bytes
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 4 and curve[-1] < curve[0]
+
+
+def test_gpt_local_sgd_replicas_agree_right_after_an_average_also_with_accumulation(tmp_path, token_cache):
+    """K = 3, 3 steps of 2 accumulated micro-batches: the 3rd step averages; no gradient is ever all-reduced."""
+    args = run_args(tmp_path / "run", token_cache, "--local_sgd_steps", "3", "--max_train_steps", "3",
+                    "--eval_every", "3", "--gradient_accumulation_steps", "2")  # fmt: skip
+    records = launch(tmp_path, "local", args)
+    after = [r["parameters_after_last_local_sgd_step"] for r in records]
+    assert torch.equal(after[0], after[1])
+    assert torch.equal(records[0]["parameters"], after[0])
+    for record in records:
+        assert record["local_sgd_steps"] == 3 and record["optimizer_steps"] == 3
+        assert record["allreduce_calls"] == 0  # neither on micro-steps nor at the accumulation boundaries
+
+
+GLUE_ARGS = ["--task", "mrpc", "--max_train_samples", "37", "--max_eval_samples", "8", "--max_length", "32",
+             "--num_train_epochs", "1", "--dropout", "0", "--mixed_precision", "no", "--log_every", "1",
+             "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8"]  # fmt: skip
+
+
+def test_glue_fp16_hook_is_on(tmp_path):
+    """glue-bert takes the same flags: 37 MRPC pairs, 2 processes x 4, 5 optimizer steps."""
+    records = launch(tmp_path, "fp16", [*GLUE_ARGS, "--output_dir", str(tmp_path / "run"), "--ddp_comm_hook", "fp16"],
+                     "glue_bert")  # fmt: skip
+    assert [r["comm_hook"] for r in records] == ["fp16_compress_hook"] * 2
+    assert records[0]["allreduce_bytes"]["gradients"] == 5 * records[0]["parameters"].numel() * 2
+    assert torch.equal(records[0]["parameters"], records[1]["parameters"])
+
+
+def test_glue_local_sgd_is_on(tmp_path):
+    """K = 2 over 5 optimizer steps: step 5 runs alone after the average at step 4; the end averages."""
+    records = launch(tmp_path, "local", [*GLUE_ARGS, "--output_dir", str(tmp_path / "run"), "--local_sgd_steps", "2"],
+                     "glue_bert")  # fmt: skip
+    before = [r["parameters_after_last_local_sgd_step"] for r in records]
+    assert (before[0] - before[1]).abs().max() > 0
+    assert torch.equal(records[0]["parameters"], records[1]["parameters"])
+    assert records[0]["allreduce_calls"] == 0 and records[0]["local_sgd_steps"] == 5
+    results = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert results["local_sgd_steps"] == 2 and results["optimizer_steps"] == 5
+
+
+def assert_refused(result: subprocess.CompletedProcess, message: str, output_dir: Path) -> None:
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and message in errors[0], result.stderr[-3000:]
+    assert not output_dir.exists()
+
+
+def test_gpt_bf16_hook_is_refused_on_cpu(tmp_path, token_cache):
+    """torch registers the bf16 hook only with CUDA and NCCL >= 2.10: say so before anything runs."""
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    args = run_args(tmp_path / "run", token_cache, "--ddp_comm_hook", "bf16")
+    completed, records = launch_and_record("gpt_pretrain", args, record_dir, timeout=120)
+    assert records == []
+    assert_refused(completed, "--ddp_comm_hook bf16 needs GPUs with NCCL", tmp_path / "run")
+
+
+@pytest.mark.parametrize("recipe", ["gpt_pretrain", "glue_bert"])
+def test_fsdp_config_on_cpu_is_refused_by_the_recipe(tmp_path, token_cache, recipe):
+    """With fsdp.yaml on CPU accelerate silently runs plain DDP (every process holds the whole model): the recipe,
+    launched by plain `accelerate launch`, refuses. (`accel-dp run --config fsdp --cpu` refuses before launching.)"""
+    out = tmp_path / "run"
+    args = run_args(out, token_cache) if recipe == "gpt_pretrain" else ["--task", "mrpc", "--output_dir", str(out)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS_DIR / "fsdp.yaml"),
+               "--num_processes", "2", "--main_process_port", str(free_port()), str(RECIPES_DIR / f"{recipe}.py"),
+               *args]  # fmt: skip
+    env = subprocess_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert_refused(result, "FSDP was asked for (ACCELERATE_USE_FSDP) but accelerate runs MULTI_CPU", out)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--powersgd_rank", "2"], "only apply with --ddp_comm_hook powersgd"),
+        (["--ddp_comm_hook", "powersgd", "--powersgd_rank", "0"], "--powersgd_rank must be a positive integer"),
+        (["--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "1"], "--powersgd_start_iter must be at least 2"),
+        (["--local_sgd_steps", "0"], "--local_sgd_steps must be a positive integer"),
+        (["--local_sgd_steps", "4", "--ddp_comm_hook", "fp16"], "would have nothing to compress"),
+    ],
+    ids=["rank-without-powersgd", "rank-0", "start-1", "local-0", "local-and-hook"],
+)
+@pytest.mark.parametrize("recipe", ["gpt_pretrain", "glue_bert"])
+def test_bad_communication_flags_are_refused_before_anything_is_written(tmp_path, token_cache, capsys, recipe,
+                                                                        flags, message):  # fmt: skip
+    out = tmp_path / "run"
+    args = run_args(out, token_cache) if recipe == "gpt_pretrain" else ["--output_dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        load_recipe(recipe).main([*args, *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not out.exists()
+
+
+def test_gpt_one_process_ignores_communication_flags_with_a_note(tmp_path, token_cache, capsys):
+    """One process has nothing to communicate: the flags change nothing, and the recipe says so."""
+    recipe = load_recipe("gpt_pretrain")
+    recipe.main(run_args(tmp_path / "plain", token_cache, "--max_train_steps", "2"))
+    reset_accelerate_state()
+    capsys.readouterr()
+    recipe.main(run_args(tmp_path / "flags", token_cache, "--max_train_steps", "2", "--ddp_comm_hook", "powersgd"))
+    assert "note: --ddp_comm_hook ignored: one process alone has nothing to communicate" in capsys.readouterr().err
+    assert torch.equal(saved_parameters(tmp_path / "plain"), saved_parameters(tmp_path / "flags"))
