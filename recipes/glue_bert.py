@@ -231,6 +231,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     run.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is present")
     run.add_argument("--log_every", type=int, default=10, help="optimizer steps between log lines")
+    run.add_argument(
+        "--report_to",
+        default="none",
+        choices=["none", "tensorboard", "wandb", "all"],
+        help="Log metrics and the config to these trackers (wandb honours WANDB_MODE, e.g. offline).",
+    )
+    run.add_argument(
+        "--tracker_project", default="accel-dp", help="wandb project; tensorboard subfolder of output_dir."
+    )
     faults = p.add_argument_group("checkpoints and failures")
     faults.add_argument(
         "--checkpointing_steps",
@@ -681,6 +690,30 @@ def run_failing_fast(entry) -> None:
         os._exit(FAILED_EXIT_CODE)  # skip teardown: destroying a process group with a dead peer can hang
 
 
+def trackers_for(report_to: str) -> list[str]:
+    """accelerate's trackers for --report_to, checked before anything runs: a missing package or a wandb that is
+    not logged in is a one-line error, not a crash after the data is loaded."""
+    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    if "tensorboard" in wanted:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        except ImportError:
+            fail("--report_to tensorboard needs `pip install tensorboard`")
+    if "wandb" in wanted:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--report_to wandb needs `pip install wandb`")
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+        if not logged_in and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun"):
+            fail(
+                "--report_to wandb: wandb is not logged in; run `wandb login`, or set WANDB_MODE=offline to log into "
+                "<output_dir>/wandb and upload later with `wandb sync`"
+            )
+    return wanted
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     task, spec = args.task, TASKS[args.task]
@@ -727,10 +760,13 @@ def main(argv=None) -> dict:
         )
     if precision == "fp8" and (use_cpu or not torch.cuda.is_available()):
         fail("--mixed_precision fp8 needs a recent GPU (and transformer_engine or MS-AMP); use bf16 or no")
+    trackers = trackers_for(args.report_to)
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=trackers or None,
+        project_dir=args.output_dir or "runs",  # where tensorboard logs; set to the output folder below
         # A collective waiting on a silent process fails after this long instead of hanging (see run_failing_fast).
         # ddp_kwargs: the gradient communication hook of --ddp_comm_hook (none: DDP's plain all-reduce).
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)), ddp_kwargs(args)],
@@ -755,6 +791,8 @@ def main(argv=None) -> dict:
             if record is not None:
                 with open(output_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
+        if record is not None:  # the trackers too (accelerator.log runs on the main process only)
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     set_seed(args.seed)  # same initial classifier head on every process, and reproducible runs
 
@@ -838,6 +876,15 @@ def main(argv=None) -> dict:
 
     if main_process:  # created only now that the data is known to be good: bad input leaves nothing behind
         output_dir.mkdir(parents=True, exist_ok=True)
+    # One tracker run per job (accelerate runs trackers on the main process only), with the full config.
+    if trackers:
+        accelerator.project_configuration.set_directories(str(output_dir))  # tensorboard logs go under output_dir
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers(
+            args.tracker_project,
+            config={**config, "world_size": accelerator.num_processes},
+            init_kwargs={"wandb": {"dir": str(output_dir), "name": output_dir.name}},
+        )
     with accelerator.main_process_first():
         tokenized = {
             s: ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {s}")

@@ -124,6 +124,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--overwrite_output_dir", action="store_true")
     evaluation.add_argument("--sample_tokens", type=int, default=200, help="Tokens to generate at the end; 0: none.")
     evaluation.add_argument("--prompt", default="\n", help="Prompt of the generated sample.")
+    evaluation.add_argument(
+        "--report_to",
+        default="none",
+        choices=["none", "tensorboard", "wandb", "all"],
+        help="Log metrics and the config to these trackers (wandb honours WANDB_MODE, e.g. offline).",
+    )
+    evaluation.add_argument(
+        "--tracker_project", default="accel-dp", help="wandb project; tensorboard subfolder of output_dir."
+    )
     checkpoints = parser.add_argument_group("checkpoints and failures")
     checkpoints.add_argument("--checkpointing_steps", help="Save a resumable checkpoint every N optimizer steps.")
     checkpoints.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest K checkpoints.")
@@ -567,6 +576,30 @@ def run_failing_fast(entry) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def trackers_for(report_to: str) -> list[str]:
+    """accelerate's trackers for --report_to, checked before anything runs: a missing package or a wandb that is
+    not logged in is a one-line error, not a crash after the data is loaded."""
+    wanted = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    if "tensorboard" in wanted:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs it)
+        except ImportError:
+            fail("--report_to tensorboard needs `pip install tensorboard`")
+    if "wandb" in wanted:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--report_to wandb needs `pip install wandb`")
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+        if not logged_in and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled", "dryrun"):
+            fail(
+                "--report_to wandb: wandb is not logged in; run `wandb login`, or set WANDB_MODE=offline to log into "
+                "<output_dir>/wandb and upload later with `wandb sync`"
+            )
+    return wanted
+
+
 def main(argv: list[str] | None = None) -> dict:
     start_time = time.perf_counter()
     args = parse_args(argv)
@@ -609,10 +642,13 @@ def main(argv: list[str] | None = None) -> dict:
         fail(
             f"{mixed_precision} does nothing on CPU (accelerate ignores fp16, fp8 needs a GPU): use --mixed_precision bf16 or no"
         )
+    trackers = trackers_for(args.report_to)
     accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=trackers or None,
+        project_dir=args.output_dir or "runs",  # where tensorboard logs; set to the output folder below
         # The LR schedule below counts optimizer steps; accelerate's default would step it once per process.
         step_scheduler_with_optimizer=False,
         # A collective waiting on a silent process fails after this long instead of hanging (see run_failing_fast).
@@ -706,6 +742,15 @@ def main(argv: list[str] | None = None) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         if resume_from is None:
             (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    # One tracker run per job (accelerate runs trackers on the main process only), with the full config.
+    if trackers:
+        accelerator.project_configuration.set_directories(str(output_dir))  # tensorboard logs go under output_dir
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers(
+            args.tracker_project,
+            config={**config, "world_size": accelerator.num_processes},
+            init_kwargs={"wandb": {"dir": str(output_dir), "name": output_dir.name}},
+        )
 
     # Training samples: windows at random offsets drawn with replacement (nanoGPT's sampling), from one seeded
     # generator, so the sequence of global batches is the same whatever the number of processes. accelerate
@@ -764,9 +809,11 @@ def main(argv: list[str] | None = None) -> dict:
         return torch.cat(losses).mean().item()
 
     def log(record: dict) -> None:
+        """A record in output_dir/metrics.jsonl and in the trackers (main process only)."""
         if is_main:
             with open(output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     # ---------------------------------------------------------------------------------------------- loop
     tokens_per_step = global_batch_size * block_size
