@@ -690,6 +690,41 @@ def run_failing_fast(entry) -> None:
         os._exit(FAILED_EXIT_CODE)  # skip teardown: destroying a process group with a dead peer can hang
 
 
+# Peak dense tensor-core TFLOP/s per GPU, (bf16/fp16, fp32), from the vendors' data sheets, matched by a part of
+# torch.cuda.get_device_name(). MFU is reported only for a device listed here, never against a guessed peak:
+# on CPU, or an unknown GPU, runs log achieved TFLOP/s only.
+PEAK_TFLOPS = (
+    ("H200", (989.0, 67.0)),
+    ("H100 PCIe", (756.0, 51.0)),
+    ("H100 NVL", (835.0, 60.0)),
+    ("H100", (989.0, 67.0)),  # SXM
+    ("GH200", (989.0, 67.0)),
+    ("A100", (312.0, 19.5)),
+    ("L40S", (362.0, 91.6)),
+    ("L4", (121.0, 30.3)),
+    ("A10G", (70.0, 31.2)),
+    ("V100", (125.0, 15.7)),  # fp16; no bf16
+)
+
+
+def peak_tflops(accelerator) -> float | None:
+    """This device's peak for the run's precision, or None where unknown (CPU included)."""
+    if accelerator.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(accelerator.device)
+    half = accelerator.mixed_precision in ("bf16", "fp16", "fp8")
+    return next((peaks[0] if half else peaks[1] for part, peaks in PEAK_TFLOPS if part in name), None)
+
+
+def peak_memory_gib(accelerator) -> float:
+    """Peak GPU memory allocated by this process on GPU; peak resident memory (RSS) of this process on CPU."""
+    if accelerator.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 def trackers_for(report_to: str) -> list[str]:
     """accelerate's trackers for --report_to, checked before anything runs: a missing package or a wandb that is
     not logged in is a one-line error, not a crash after the data is loaded."""
@@ -865,6 +900,13 @@ def main(argv=None) -> dict:
                 module.weight.data.normal_(0.0, getattr(config, "initializer_range", 0.02))
                 module.bias.data.zero_()
     max_length = min(args.max_length, tokenizer.model_max_length)
+    # Training FLOPs of a batch of shape (examples, length), forward + backward: 6 per token and weight it meets
+    # (embeddings are lookups), plus attention's 12 x layers x hidden x length per token (PaLM, appendix B).
+    matmul_parameters = sum(p.numel() for name, p in model.named_parameters() if "embeddings" not in name)
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+
+    def training_flops(input_ids: torch.Tensor) -> float:
+        return input_ids.numel() * (6 * matmul_parameters + 12 * layers * hidden * input_ids.shape[1])
 
     def tokenize(batch):
         texts = [batch[c] for c in spec["text"]]
@@ -879,10 +921,10 @@ def main(argv=None) -> dict:
     # One tracker run per job (accelerate runs trackers on the main process only), with the full config.
     if trackers:
         accelerator.project_configuration.set_directories(str(output_dir))  # tensorboard logs go under output_dir
-        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        run_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers(
             args.tracker_project,
-            config={**config, "world_size": accelerator.num_processes},
+            config={**run_config, "world_size": accelerator.num_processes},
             init_kwargs={"wandb": {"dir": str(output_dir), "name": output_dir.name}},
         )
     with accelerator.main_process_first():
@@ -1014,7 +1056,7 @@ def main(argv=None) -> dict:
                 f.write(f"{i}\t{p:.6g}\t{y:.6g}\n" if is_regression else f"{i}\t{p}\t{y}\n")
 
     # ------------------------------------------------------------------ resume
-    completed_steps, samples_seen, train_time = 0, 0, 0.0
+    completed_steps, samples_seen, train_time, flops_done = 0, 0, 0.0, 0.0  # flops_done: this process's
     run_loss_sum, run_loss_count, skipped_steps = 0.0, 0, 0
     window_loss = torch.zeros(2, device=accelerator.device)  # summed loss and examples since the last log
     eval_results: dict = {}
@@ -1029,6 +1071,7 @@ def main(argv=None) -> dict:
         shuffle_generator.set_state(torch.tensor(state["shuffle_generator_state"], dtype=torch.uint8))
         completed_steps, first_epoch, first_micro_step = state["step"], state["epoch"], state["micro_step"]
         samples_seen, train_time, skipped_steps = state["samples_seen"], state["train_time"], state["skipped_steps"]
+        flops_done = state["flops_done"][accelerator.process_index]
         run_loss_sum, run_loss_count, eval_results = state["run_loss_sum"], state["run_loss_count"], state["eval"]
         window_loss = torch.tensor(state["window_loss"], device=accelerator.device)
         if main_process and (output_dir / "metrics.jsonl").is_file():  # forget what was logged after the checkpoint
@@ -1056,6 +1099,7 @@ def main(argv=None) -> dict:
             "shuffle_generator_state": epoch_generator_state.tolist(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "samples_seen": samples_seen,
+            "flops_done": gather_object([flops_done]),
             "train_time": train_time + time.perf_counter() - epoch_start,
             "skipped_steps": skipped_steps,
             "run_loss_sum": run_loss_sum,
@@ -1081,7 +1125,8 @@ def main(argv=None) -> dict:
     step_loss = torch.zeros(2, device=accelerator.device)  # the same for the current optimizer step
     grad_norm = None
     start = last_log_time = time.perf_counter()
-    last_log_samples = samples_seen
+    last_log_samples, last_log_flops = samples_seen, flops_done
+    peak = peak_tflops(accelerator)
     for epoch in range(first_epoch, num_epochs):
         if completed_steps >= max_train_steps:
             break
@@ -1123,6 +1168,7 @@ def main(argv=None) -> dict:
                 optimizer.zero_grad()
             step_loss += torch.stack([loss_sum.detach(), real.sum()])
             samples_seen += len(labels) * n
+            flops_done += training_flops(batch["input_ids"])
             if not accelerator.sync_gradients:
                 continue
             if not finite:
@@ -1163,7 +1209,11 @@ def main(argv=None) -> dict:
                     )
                 now = time.perf_counter()
                 rate = (samples_seen - last_log_samples) / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_samples = now, samples_seen
+                interval_flops = accelerator.reduce(
+                    torch.tensor(flops_done - last_log_flops, device=accelerator.device, dtype=torch.float64), "sum"
+                )
+                tflops = float(interval_flops) / max(now - last_log_time, 1e-9) / 1e12  # all processes together
+                last_log_time, last_log_samples, last_log_flops = now, samples_seen, flops_done
                 gn = f" | grad norm {float(grad_norm):.3f}" if grad_norm is not None and args.max_grad_norm > 0 else ""
                 lr = lr_scheduler.get_last_lr()[0]
                 log(
@@ -1175,6 +1225,8 @@ def main(argv=None) -> dict:
                         "loss": mean_loss,
                         "lr": lr,
                         "samples_per_second": rate,
+                        "tflops": tflops,
+                        **({"mfu": tflops / (peak * n)} if peak else {}),  # share of the devices' peak
                         "elapsed_s": now - start,
                     },
                 )
@@ -1210,7 +1262,8 @@ def main(argv=None) -> dict:
                 + f" ({len(preds)} examples)",
                 {"step": completed_steps, "epoch": epoch + 1, **{f"eval_{k}{suffix}": v for k, v in metrics.items()}},
             )
-        last_log_time, last_log_samples = time.perf_counter(), samples_seen  # samples/s of training, not evaluation
+        # samples/s and TFLOP/s of training, not evaluation
+        last_log_time, last_log_samples, last_log_flops = time.perf_counter(), samples_seen, flops_done
         if args.checkpointing_steps == "epoch" and completed_steps < max_train_steps:
             epoch_start = time.perf_counter()  # the epoch's time is already counted in train_time
             checkpoint(epoch + 1, 0, shuffle_generator.get_state())  # the generator now holds the next epoch's start
@@ -1226,6 +1279,19 @@ def main(argv=None) -> dict:
     unwrapped.save_pretrained(
         output_dir, is_main_process=main_process, save_function=accelerator.save, state_dict=state_dict
     )
+
+    def throughput() -> dict:
+        total_flops = float(
+            accelerator.reduce(torch.tensor(flops_done, device=accelerator.device, dtype=torch.float64), "sum")
+        )
+        tflops = total_flops / max(train_time, 1e-9) / 1e12
+        return {
+            "tflops": tflops,
+            "peak_tflops_per_device": peak,
+            "mfu": tflops / (peak * n) if peak else None,
+            "peak_memory_gib": peak_memory_gib(accelerator),  # rank 0's: GPU memory on GPU, RSS on CPU
+        }
+
     results = {
         "task": task,
         **eval_results,
@@ -1241,6 +1307,7 @@ def main(argv=None) -> dict:
         "local_sgd_steps": args.local_sgd_steps,
         "train_runtime_s": round(train_time, 3),  # training only, evaluation excluded
         "train_samples_per_second": round(samples_seen / max(train_time, 1e-9), 3),
+        **throughput(),
         "model_name_or_path": model_path,
     }
     if main_process:

@@ -576,6 +576,41 @@ def run_failing_fast(entry) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Peak dense tensor-core TFLOP/s per GPU, (bf16/fp16, fp32), from the vendors' data sheets, matched by a part of
+# torch.cuda.get_device_name(). MFU is reported only for a device listed here, never against a guessed peak:
+# on CPU, or an unknown GPU, runs log achieved TFLOP/s only.
+PEAK_TFLOPS = (
+    ("H200", (989.0, 67.0)),
+    ("H100 PCIe", (756.0, 51.0)),
+    ("H100 NVL", (835.0, 60.0)),
+    ("H100", (989.0, 67.0)),  # SXM
+    ("GH200", (989.0, 67.0)),
+    ("A100", (312.0, 19.5)),
+    ("L40S", (362.0, 91.6)),
+    ("L4", (121.0, 30.3)),
+    ("A10G", (70.0, 31.2)),
+    ("V100", (125.0, 15.7)),  # fp16; no bf16
+)
+
+
+def peak_tflops(accelerator) -> float | None:
+    """This device's peak for the run's precision, or None where unknown (CPU included)."""
+    if accelerator.device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(accelerator.device)
+    half = accelerator.mixed_precision in ("bf16", "fp16", "fp8")
+    return next((peaks[0] if half else peaks[1] for part, peaks in PEAK_TFLOPS if part in name), None)
+
+
+def peak_memory_gib(accelerator) -> float:
+    """Peak GPU memory allocated by this process on GPU; peak resident memory (RSS) of this process on CPU."""
+    if accelerator.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(accelerator.device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 def trackers_for(report_to: str) -> list[str]:
     """accelerate's trackers for --report_to, checked before anything runs: a missing package or a wandb that is
     not logged in is a one-line error, not a crash after the data is loaded."""
@@ -729,6 +764,13 @@ def main(argv: list[str] | None = None) -> dict:
     if block_size < 1:
         fail(f"--block_size must be a positive integer, got {block_size}")
     num_parameters = sum(p.numel() for p in model.parameters())
+    # Training FLOPs per token (forward + backward): 6 per weight a token meets (position embeddings are a lookup,
+    # the tied token embeddings are also the output layer's matmul), plus attention's 12 x layers x width x context
+    # (PaLM, appendix B; nanoGPT's estimate_mfu).
+    position_parameters = sum(p.numel() for n, p in model.named_parameters() if "wpe" in n or "position" in n)
+    n_layer = getattr(model.config, "n_layer", None) or model.config.num_hidden_layers
+    width = getattr(model.config, "n_embd", None) or model.config.hidden_size
+    flops_per_token = 6 * (num_parameters - position_parameters) + 12 * n_layer * width * block_size
     for name, tokens in (("training", train_tokens), ("validation", val_tokens)):
         if len(tokens) <= block_size:
             fail(
@@ -745,10 +787,10 @@ def main(argv: list[str] | None = None) -> dict:
     # One tracker run per job (accelerate runs trackers on the main process only), with the full config.
     if trackers:
         accelerator.project_configuration.set_directories(str(output_dir))  # tensorboard logs go under output_dir
-        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        run_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers(
             args.tracker_project,
-            config={**config, "world_size": accelerator.num_processes},
+            config={**run_config, "world_size": accelerator.num_processes},
             init_kwargs={"wandb": {"dir": str(output_dir), "name": output_dir.name}},
         )
 
@@ -854,6 +896,8 @@ def main(argv: list[str] | None = None) -> dict:
         local_sgd = LocalSGD(accelerator, model, local_sgd_steps=args.local_sgd_steps).__enter__()
         local_sgd.num_steps = completed_steps  # a resumed run goes on averaging at multiples of K
     train_start = interval_start = time.perf_counter()
+    first_step, eval_time = completed_steps, 0.0  # this run's share, for its throughput
+    peak = peak_tflops(accelerator)
     for inputs, targets in train_batches:
         with accelerator.accumulate(model):
             logits = model(input_ids=inputs).logits
@@ -905,13 +949,17 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             now = time.perf_counter()
             steps_in_interval = completed_steps % args.log_every or args.log_every
+            tokens_per_second = steps_in_interval * tokens_per_step / (now - interval_start)
             record = {
                 "step": completed_steps,
                 "loss": train_loss,
                 "lr": lr_scheduler.get_last_lr()[0],
-                "tokens_per_second": steps_in_interval * tokens_per_step / (now - interval_start),
+                "tokens_per_second": tokens_per_second,
+                "tflops": tokens_per_second * flops_per_token / 1e12,  # all processes together
                 "elapsed_s": now - start_time,
             }
+            if peak:  # model FLOPs utilisation: the share of the devices' peak that trains the model
+                record["mfu"] = record["tflops"] / (peak * accelerator.num_processes)
             interval_start = now
             log(record)
             progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
@@ -928,6 +976,7 @@ def main(argv: list[str] | None = None) -> dict:
             if is_main:
                 progress.write(f"step {completed_steps:>6} | val loss {eval_loss:.4f}")
             interval_start += time.perf_counter() - eval_start  # evaluation time is not training throughput
+            eval_time += time.perf_counter() - eval_start
         if completed_steps >= args.max_train_steps:
             break  # the end of training saves the model itself (a signal now lets it finish)
         preempted = accelerator.check_trigger()  # a signal on any rank: every rank checkpoints, then exits
@@ -947,7 +996,8 @@ def main(argv: list[str] | None = None) -> dict:
     progress.close()
     if local_sgd is not None:
         local_sgd.__exit__(None, None, None)  # a last average: the saved model is the replicas' mean
-    train_runtime = time.perf_counter() - train_start
+    train_runtime = time.perf_counter() - train_start - eval_time  # training only
+    tokens_per_second = (completed_steps - first_step) * tokens_per_step / train_runtime
 
     # ---------------------------------------------------------------------------------------------- save
     accelerator.wait_for_everyone()
@@ -968,8 +1018,14 @@ def main(argv: list[str] | None = None) -> dict:
         "num_parameters": num_parameters,
         "train_loss": train_loss,
         "eval_loss": eval_loss,
-        "train_runtime_s": train_runtime,
-        "tokens_per_second": completed_steps * tokens_per_step / train_runtime,
+        "train_runtime_s": train_runtime,  # this run's training, evaluation excluded
+        "eval_runtime_s": eval_time,
+        "tokens_per_second": tokens_per_second,
+        "flops_per_token": flops_per_token,
+        "tflops": tokens_per_second * flops_per_token / 1e12,
+        "peak_tflops_per_device": peak,
+        "mfu": tokens_per_second * flops_per_token / 1e12 / (peak * accelerator.num_processes) if peak else None,
+        "peak_memory_gib": peak_memory_gib(accelerator),  # rank 0's: GPU memory on GPU, RSS on CPU
         "mixed_precision": accelerator.mixed_precision,
         "ddp_comm_hook": args.ddp_comm_hook,
         "local_sgd_steps": args.local_sgd_steps,
@@ -980,7 +1036,9 @@ def main(argv: list[str] | None = None) -> dict:
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
         print(
             f"gpt-pretrain: final val loss {eval_loss:.4f}, train loss {train_loss:.4f}, "
-            f"{results['tokens_per_second']:,.0f} tok/s, {train_runtime:.1f}s training; saved to {output_dir}"
+            f"{results['tokens_per_second']:,.0f} tok/s, {results['tflops']:.3g} TFLOP/s"
+            + (f" (MFU {results['mfu']:.1%})" if results["mfu"] is not None else "")
+            + f", peak memory {results['peak_memory_gib']:.2f} GiB, {train_runtime:.1f}s training; saved to {output_dir}"
         )
         if args.sample_tokens > 0:
             # A short sample from the trained model, so you can see what it learned.
