@@ -122,9 +122,14 @@ class GptRecipeSide:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
                 self.window_loss += loss.detach() / self.gradient_accumulation_steps
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and self.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-                optimizer.step()
+                finite = True
+                if accelerator.sync_gradients:  # the recipe's non-finite check: one host sync per step
+                    grad_norm = accelerator.clip_grad_norm_(
+                        model.parameters(), self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+                    )
+                    finite = bool(torch.isfinite(grad_norm)) or accelerator.scaler is not None
+                if finite:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
@@ -137,6 +142,7 @@ class GptRecipeSide:
                     raise RuntimeError(f"recipe side: loss {train_loss} at step {self.completed_steps}")
                 self.last_lr = self.scheduler.get_last_lr()[0]
             self.window_loss.zero_()
+            accelerator.check_trigger()  # the recipe's preemption check, every optimizer step
 
 
 class GptRawSide:
@@ -266,7 +272,11 @@ class GlueRecipeSide:
         self.examples_per_round = self.loader.total_batch_size
         self.real_in_last_round = train_examples - (self.micro_batches_per_epoch - 1) * self.examples_per_round
         self.window_loss = torch.zeros(2, device=accelerator.device)
-        self.completed_steps, self.samples_seen = 0, 0
+        self.step_loss = torch.zeros(2, device=accelerator.device)
+        self.completed_steps, self.samples_seen, self.flops_done = 0, 0, 0.0
+        config = accelerator.unwrap_model(self.model).config
+        self.matmul_parameters = sum(p.numel() for n, p in self.model.named_parameters() if "embeddings" not in n)
+        self.attention_width = config.num_hidden_layers * config.hidden_size  # the recipe multiplies it by 12
         self.model.train()
 
     def examples_in_window(self, first: int) -> int:
@@ -293,18 +303,28 @@ class GlueRecipeSide:
                 per_example = per_example * real
                 loss_sum = per_example.sum()
                 accelerator.backward(loss_sum * n * gas / window_examples)
-                if accelerator.sync_gradients and self.max_grad_norm > 0:
-                    self.grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.max_grad_norm)
-                optimizer.step()
+                finite = True
+                if accelerator.sync_gradients:  # the recipe's non-finite check: one host sync per step
+                    self.grad_norm = accelerator.clip_grad_norm_(
+                        model.parameters(), self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+                    )
+                    finite = bool(torch.isfinite(self.grad_norm)) or accelerator.scaler is not None
+                if finite:
+                    optimizer.step()
                 optimizer.zero_grad()
-            self.window_loss += torch.stack([loss_sum.detach(), real.sum()])
+            self.step_loss += torch.stack([loss_sum.detach(), real.sum()])
             self.samples_seen += len(labels) * n
+            self.flops_done += batch["input_ids"].numel() * (6 * self.matmul_parameters + 12 * self.attention_width
+                                                             * batch["input_ids"].shape[1])  # fmt: skip
             if not accelerator.sync_gradients:
                 continue
+            self.window_loss += self.step_loss
+            self.step_loss.zero_()
             if not accelerator.optimizer_step_was_skipped:
                 self.scheduler.step()
             self.completed_steps += 1
             done += 1
+            accelerator.check_trigger()  # the recipe's preemption check, every optimizer step
 
 
 class GlueRawSide:
