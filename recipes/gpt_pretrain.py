@@ -231,19 +231,23 @@ def check_communication_args(args) -> None:
         )
 
 
-def ddp_kwargs(args) -> DistributedDataParallelKwargs:
+def ddp_kwargs(args, on_cpu: bool) -> DistributedDataParallelKwargs:
     """What accelerate passes to DDP; it registers the --ddp_comm_hook on the model in prepare()."""
     hook = {"none": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
             "bf16": DDPCommunicationHookType.BF16, "powersgd": DDPCommunicationHookType.POWER_SGD}[args.ddp_comm_hook]  # fmt: skip
-    state = {}
-    if args.ddp_comm_hook == "powersgd":
-        # torch's default start (1000 steps of plain all-reduce) outlasts many whole fine-tunes, which would then
-        # never compress; 10 steps skip only the first, most violent updates. Error feedback and warm start: on.
-        state = {
-            "matrix_approximation_rank": args.powersgd_rank or 1,
-            "start_powerSGD_iter": args.powersgd_start_iter or 10,
-        }
-    return DistributedDataParallelKwargs(comm_hook=hook, comm_state_option=state)
+    if args.ddp_comm_hook != "powersgd":
+        return DistributedDataParallelKwargs(comm_hook=hook)
+    # torch's default start (1000 steps of plain all-reduce) outlasts many whole fine-tunes, which would then never
+    # compress; 10 steps skip only the first, most violent updates. Error feedback and warm start: on.
+    state = {
+        "matrix_approximation_rank": args.powersgd_rank or 1,
+        "start_powerSGD_iter": args.powersgd_start_iter or 10,
+    }
+    # Over gloo (CPU), PowerSGD launches its P and Q all-reduces from callbacks as earlier ones complete, so with
+    # several gradient buckets the ranks issue them in different orders and gloo aborts (collective mismatch). One
+    # bucket holding every gradient keeps one chain per step: no more memory, only no overlap with the backward.
+    single_bucket = {"bucket_cap_mb": 2**20} if on_cpu else {}
+    return DistributedDataParallelKwargs(comm_hook=hook, comm_state_option=state, **single_bucket)
 
 
 def check_parallel_mode(args, accelerator) -> None:
@@ -688,7 +692,10 @@ def main(argv: list[str] | None = None) -> dict:
         step_scheduler_with_optimizer=False,
         # A collective waiting on a silent process fails after this long instead of hanging (see run_failing_fast).
         # ddp_kwargs: the gradient communication hook of --ddp_comm_hook (none: DDP's plain all-reduce).
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)), ddp_kwargs(args)],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
+            ddp_kwargs(args, on_cpu=use_cpu),
+        ],
     )
     if accelerator.num_processes != world_size_env:
         fail(

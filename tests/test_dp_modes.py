@@ -88,6 +88,18 @@ def test_gpt_compressing_hook_is_on_sends_fewer_bytes_and_still_trains(tmp_path,
     assert abs(final_eval_loss(tmp_path / "run") - final_eval_loss(plain_dir)) < 0.05
 
 
+def test_gpt_powersgd_survives_several_gradient_buckets_over_gloo(tmp_path, token_cache):
+    """1.6 MB of gradients: DDP's buckets would be 1 MiB + the rest. Over gloo, PowerSGD's chained all-reduces of
+    two buckets then complete, and are issued, in different orders on the two ranks, and gloo aborts (a collective
+    mismatch); the recipe asks DDP for one bucket on CPU."""
+    args = run_args(tmp_path / "run", token_cache, "--n_embd", "128", "--max_train_steps", "8", "--eval_every", "8",
+                    "--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "2")  # fmt: skip
+    records = launch(tmp_path, "powersgd", args)
+    assert records[0]["parameters"].numel() * 4 > 2**20
+    assert [r["comm_hook"] for r in records] == ["powerSGD_hook"] * 2
+    assert torch.equal(records[0]["parameters"], records[1]["parameters"])
+
+
 def test_gpt_local_sgd_replicas_drift_between_averages_and_end_averaged(tmp_path, token_cache):
     """K = 3, 4 steps: averaged after step 3, then step 4 alone: the replicas differ; the end averages them."""
     records = launch(tmp_path, "local", run_args(tmp_path / "run", token_cache, "--local_sgd_steps", "3",
