@@ -130,6 +130,9 @@ CASES = {
     ),
     "gpt-checkpointing-steps-not-a-number": lambda t, c: gpt(t, c, "--checkpointing_steps", "often"),
     "gpt-fp16-on-cpu": lambda t, c: gpt(t, c, "--mixed_precision", "fp16"),
+    "gpt-local-sgd-with-comm-hook": lambda t, c: gpt(t, c, "--local_sgd_steps", "4", "--ddp_comm_hook", "fp16"),
+    "gpt-powersgd-option-without-powersgd": lambda t, c: gpt(t, c, "--powersgd_rank", "2"),
+    "gpt-powersgd-start-below-2": lambda t, c: gpt(t, c, "--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "1"),
     # glue-bert
     "glue-unknown-task": lambda t, c: glue(t, "--task", "squad"),
     "glue-missing-data-file": lambda t, c: glue(t, "--train_file", str(t / "a.csv"), "--validation_file", str(t / "b.csv")),
@@ -150,6 +153,7 @@ CASES = {
     ),
     "glue-checkpointing-steps-not-a-number": lambda t, c: glue(t, "--checkpointing_steps", "often"),
     "glue-fp16-on-cpu": lambda t, c: glue(t, "--mixed_precision", "fp16"),
+    "glue-local-sgd-with-comm-hook": lambda t, c: glue(t, "--local_sgd_steps", "4", "--ddp_comm_hook", "powersgd"),
     # accel-dp run
     "cli-unknown-recipe": lambda t, c: cli("run", "bert-pretrain", "--cpu"),
     "cli-missing-config": lambda t, c: cli("run", "gpt-pretrain", "--config", str(t / "nope.yaml")),
