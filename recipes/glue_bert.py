@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import os
 import shutil
@@ -41,6 +42,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.local_sgd import LocalSGD
+from accelerate.logging import get_logger
 from accelerate.utils import (
     DDPCommunicationHookType,
     DistributedDataParallelKwargs,
@@ -128,6 +130,16 @@ TSV_COLUMNS = {
 }
 STSB_RANGE = (0.0, 5.0)
 DEFAULT_TASK = "mrpc"
+
+
+# Messages go through accelerate's logger, which prints on the main process only (one copy, not one per rank),
+# above the progress bar rather than through it.
+logger = get_logger(__name__)
+
+
+class AboveProgressBar(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
 
 
 def fail(message: str) -> None:
@@ -821,6 +833,9 @@ def main(argv=None) -> dict:
         )
     check_parallel_mode(args, accelerator)
     main_process = accelerator.is_main_process
+    logger.logger.setLevel(logging.INFO)
+    if not logger.logger.handlers:
+        logger.logger.addHandler(AboveProgressBar())
     if not main_process:  # one copy of the libraries' chatter and progress bars, not one per process
         datasets.utils.logging.set_verbosity_error()
         datasets.disable_progress_bars()
@@ -828,8 +843,8 @@ def main(argv=None) -> dict:
 
     def log(message: str, record: dict | None = None) -> None:
         """A line for the user and, if given, a record in output_dir/metrics.jsonl (main process only)."""
+        logger.info(message)  # main process only
         if main_process:
-            tqdm.write(message)
             if record is not None:
                 with open(output_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,8 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from accelerate import Accelerator
 from accelerate.local_sgd import LocalSGD
+from accelerate.logging import get_logger
 from accelerate.utils import (
     DDPCommunicationHookType,
     DistributedDataParallelKwargs,
@@ -64,6 +67,16 @@ MODEL_PRESETS = {
 # Resolved next to this file, so it works from the repository and from an installed accel-dp alike.
 BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare" / "input.txt"
 CACHE_FORMAT_VERSION = 1
+
+
+# Messages go through accelerate's logger, which prints on the main process only (one copy, not one per rank),
+# above the progress bar rather than through it.
+logger = get_logger(__name__)
+
+
+class AboveProgressBar(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
 
 
 def fail(message: str) -> None:
@@ -705,6 +718,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
     check_parallel_mode(args, accelerator)
     is_main = accelerator.is_main_process
+    logger.logger.setLevel(logging.INFO)
+    if not logger.logger.handlers:
+        logger.logger.addHandler(AboveProgressBar())
+    if not is_main:  # one copy of the libraries' chatter, not one per process
+        transformers.utils.logging.set_verbosity_error()
 
     # The output folder: never write into a previous run's results unless asked to.
     if args.output_dir is None:
@@ -866,13 +884,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------------------------------------- loop
     tokens_per_step = global_batch_size * block_size
-    if is_main:
-        progress_note = (
-            f"{accelerator.num_processes} process(es) on {accelerator.device}, "
-            f"{num_parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, "
-            f"global batch {global_batch_size} x {block_size} tokens, {args.max_train_steps} steps"
-        )
-        print(f"gpt-pretrain: {progress_note}", flush=True)
+    logger.info(
+        f"gpt-pretrain: {accelerator.num_processes} process(es) on {accelerator.device}, "
+        f"{num_parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, "
+        f"global batch {global_batch_size} x {block_size} tokens, {args.max_train_steps} steps"
+    )
     progress = tqdm(total=args.max_train_steps, disable=not is_main, desc="train", mininterval=1.0, dynamic_ncols=True)
     model.train()
     completed_steps, skipped_steps, window_loss = 0, 0, torch.zeros((), device=accelerator.device)
@@ -892,7 +908,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if r["step"] <= completed_steps
             ]
             (output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-            print(f"gpt-pretrain: resumed from {resume_from} at step {completed_steps}", flush=True)
+            logger.info(f"gpt-pretrain: resumed from {resume_from} at step {completed_steps}")
     train_loss = eval_loss = float("nan")
     preemption = on_preemption_signals(accelerator)
     # Local SGD (--local_sgd_steps K): accelerate's LocalSGD turns DDP's gradient all-reduce off (no_sync) and
@@ -937,8 +953,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "--learning_rate, check the data, or allow skips with --nonfinite_skip_limit N"
                 )
             log({"step": completed_steps + 1, "skipped_nonfinite_step": skipped_steps})
-            if is_main:
-                progress.write(f"step {completed_steps + 1}: gradient norm {float(grad_norm)}, step skipped")
+            logger.info(f"step {completed_steps + 1}: gradient norm {float(grad_norm)}, step skipped")
             window_loss.zero_()
         # One optimizer step is done (or skipped): the schedule advances once, whatever the number of processes.
         lr_scheduler.step()
@@ -970,18 +985,16 @@ def main(argv: list[str] | None = None) -> dict:
             interval_start = now
             log(record)
             progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-            if is_main:
-                progress.write(
-                    f"step {completed_steps:>6} | loss {train_loss:.4f} | lr {record['lr']:.3e} | "
-                    f"{record['tokens_per_second']:,.0f} tok/s | {record['elapsed_s']:.1f}s"
-                )
+            logger.info(
+                f"step {completed_steps:>6} | loss {train_loss:.4f} | lr {record['lr']:.3e} | "
+                f"{record['tokens_per_second']:,.0f} tok/s | {record['tflops']:.3g} TFLOP/s | {record['elapsed_s']:.1f}s"
+            )
         window_loss.zero_()
         if completed_steps % args.eval_every == 0 or completed_steps == args.max_train_steps:
             eval_start = time.perf_counter()
             eval_loss = evaluate()
             log({"step": completed_steps, "eval_loss": eval_loss, "elapsed_s": time.perf_counter() - start_time})
-            if is_main:
-                progress.write(f"step {completed_steps:>6} | val loss {eval_loss:.4f}")
+            logger.info(f"step {completed_steps:>6} | val loss {eval_loss:.4f}")
             interval_start += time.perf_counter() - eval_start  # evaluation time is not training throughput
             eval_time += time.perf_counter() - eval_start
         if completed_steps >= args.max_train_steps:
@@ -992,12 +1005,11 @@ def main(argv: list[str] | None = None) -> dict:
                 local_sgd._sync_and_avg_model_params()
             save_checkpoint(accelerator, output_dir, completed_steps, skipped_steps, args.checkpoints_total_limit)
         if preempted:
-            if is_main:
-                progress.write(
-                    f"gpt-pretrain: preempted ({preemption.get('signal', 'a signal to another rank')}) at step "
-                    f"{completed_steps}: checkpoint written, exit status {PREEMPTED_EXIT_CODE}; run the same command "
-                    "with --resume_from_checkpoint latest to continue"
-                )
+            logger.info(
+                f"gpt-pretrain: preempted ({preemption.get('signal', 'a signal to another rank')}) at step "
+                f"{completed_steps}: checkpoint written, exit status {PREEMPTED_EXIT_CODE}; run the same command "
+                "with --resume_from_checkpoint latest to continue"
+            )
             accelerator.end_training()
             raise SystemExit(PREEMPTED_EXIT_CODE)
     progress.close()
@@ -1041,7 +1053,7 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main:
         tokenizer.save_pretrained(output_dir)
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(
+        logger.info(
             f"gpt-pretrain: final val loss {eval_loss:.4f}, train loss {train_loss:.4f}, "
             f"{results['tokens_per_second']:,.0f} tok/s, {results['tflops']:.3g} TFLOP/s"
             + (f" (MFU {results['mfu']:.1%})" if results["mfu"] is not None else "")

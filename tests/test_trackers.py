@@ -1,4 +1,4 @@
-"""--report_to: both recipes log their metrics and full config through accelerate's trackers, one tracker run per
+"""--report_to and logging: both recipes log their metrics and full config through accelerate's trackers, one tracker run per
 job however many processes; the tests read back what tensorboard and wandb (offline) recorded."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,18 @@ def tensorboard_scalars(output_dir: Path, project: str = "accel-dp") -> dict[str
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
-def wandb_offline_run(output_dir: Path) -> tuple[list[dict], dict]:
+def wandb_offline_run(output_dir: Path, logged_losses: int) -> tuple[list[dict], dict]:
+    """History rows and config of the run's offline wandb file, once `logged_losses` loss rows are in it: wandb's
+    service process can still be writing the file for a moment after the run finished."""
+    for _ in range(60):
+        history, config = read_wandb_file(output_dir)
+        if len([row for row in history if "loss" in row]) >= logged_losses:
+            break
+        time.sleep(0.5)
+    return history, config
+
+
+def read_wandb_file(output_dir: Path) -> tuple[list[dict], dict]:
     """History rows and config of the run's offline wandb file (leveldb-style log of protobuf records)."""
     from wandb.proto import wandb_internal_pb2
 
@@ -70,7 +82,7 @@ def test_gpt_run_logs_every_metric_and_its_config_to_tensorboard_and_wandb(tmp_p
     assert [(s, pytest.approx(v)) for s, v in scalars["eval_loss"]] == evaluation
     assert {"lr", "tokens_per_second"} <= set(scalars)
 
-    history, config = wandb_offline_run(out)
+    history, config = wandb_offline_run(out, len(train))
     assert [(row["_step"], pytest.approx(row["loss"])) for row in history if "loss" in row] == train
     assert [(row["_step"], pytest.approx(row["eval_loss"])) for row in history if "eval_loss" in row] == evaluation
     assert config["learning_rate"] == 3e-3 and config["n_layer"] == 2 and config["world_size"] == 1
@@ -99,10 +111,13 @@ def test_two_processes_make_one_tracker_run(tmp_path, token_cache):
     env = subprocess_env(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", WANDB_MODE="offline")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    history, config = wandb_offline_run(out)  # exactly one wandb run (the unpacking fails otherwise)...
+    history, config = wandb_offline_run(out, 6)  # exactly one wandb run (the unpacking fails otherwise)...
     assert config["world_size"] == 2 and len([row for row in history if "loss" in row]) == 6
     assert len(tensorboard_scalars(out)["loss"]) == 6  # ...and one tensorboard run
     assert len(list(out.rglob("offline-run-*"))) == 1
+    # accelerate's logger: one copy of each message, from rank 0, not one per process
+    assert result.stdout.count("gpt-pretrain: final val loss") == 1 and result.stdout.count("val loss") == 3
+    assert "[RANK 0]" in result.stdout and "[RANK 1]" not in result.stdout + result.stderr
 
 
 def test_wandb_without_login_or_offline_mode_says_what_to_do_and_writes_nothing(
