@@ -115,7 +115,7 @@ def test_killed_gpt_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_pa
 
 @pytest.mark.parametrize(
     ("procs", "checkpointing_steps", "first_checkpoint"),
-    [(1, "5", "step-0000005"), (2, "2", "step-0000002"), (1, "epoch", "step-0000012")],
+    [(1, "9", "step-0000009"), (2, "4", "step-0000004"), (1, "epoch", "step-0000012")],
     ids=["1-process-mid-epoch", "2-processes-mid-epoch", "1-process-epoch"],
 )
 def test_killed_glue_run_resumed_from_latest_checkpoint_ends_bitwise_equal(
@@ -213,7 +213,7 @@ def test_preempted_run_checkpoints_exits_75_and_resumes_bitwise_equal(
     def args(*extra):
         if recipe == "gpt-pretrain":
             return gpt_resumable_args(preempted, token_cache, "--checkpointing_steps", "20", *extra)
-        return glue_resumable_args(preempted, "--checkpointing_steps", "3", *extra)
+        return glue_resumable_args(preempted, "--checkpointing_steps", "9", *extra)
 
     senders = {
         "SIGUSR1": lambda process: process.send_signal(signal.SIGUSR1),
