@@ -142,7 +142,8 @@ class GptRecipeSide:
                     raise RuntimeError(f"recipe side: loss {train_loss} at step {self.completed_steps}")
                 self.last_lr = self.scheduler.get_last_lr()[0]
             self.window_loss.zero_()
-            accelerator.check_trigger()  # the recipe's preemption check, every optimizer step
+            if self.completed_steps % self.log_every == 0:
+                accelerator.check_trigger()  # the recipe's preemption check, at log steps
 
 
 class GptRawSide:
@@ -324,7 +325,8 @@ class GlueRecipeSide:
                 self.scheduler.step()
             self.completed_steps += 1
             done += 1
-            accelerator.check_trigger()  # the recipe's preemption check, every optimizer step
+            if self.completed_steps % 10 == 0:  # the recipe's preemption check, at log steps (--log_every 10)
+                accelerator.check_trigger()
 
 
 class GlueRawSide:

@@ -1254,7 +1254,9 @@ def main(argv=None) -> dict:
                 )
             if completed_steps >= max_train_steps:
                 break  # the end of training saves the model itself (a signal now lets it finish)
-            preempted = accelerator.check_trigger()  # a signal on any rank: every rank checkpoints, then exits
+            # A signal on any rank: every rank checkpoints, then exits. Asked at log steps only, where the loop syncs
+            # anyway: check_trigger is a collective, and one more per step costs data parallelism a few percent.
+            preempted = completed_steps % args.log_every == 0 and accelerator.check_trigger()
             if preempted or (
                 isinstance(args.checkpointing_steps, int) and completed_steps % args.checkpointing_steps == 0
             ):

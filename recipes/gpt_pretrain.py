@@ -999,7 +999,9 @@ def main(argv: list[str] | None = None) -> dict:
             eval_time += time.perf_counter() - eval_start
         if completed_steps >= args.max_train_steps:
             break  # the end of training saves the model itself (a signal now lets it finish)
-        preempted = accelerator.check_trigger()  # a signal on any rank: every rank checkpoints, then exits
+        # A signal on any rank: every rank checkpoints, then exits. Asked at log steps only, where the loop syncs
+        # anyway: check_trigger is a collective, and one more per step costs data parallelism a few percent.
+        preempted = completed_steps % args.log_every == 0 and accelerator.check_trigger()
         if preempted or (args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0):
             if local_sgd is not None:  # rank 0's model is what is saved: make it the replicas' average
                 local_sgd._sync_and_avg_model_params()
