@@ -133,6 +133,7 @@ def main() -> int:
         embd_pdrop=shape["dropout"],
         attn_pdrop=shape["dropout"],
         bos_token_id=tokenizer.bos_token_id,
+        activation_function="gelu_pytorch_tanh",  # as the recipe
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(rargs.seed)

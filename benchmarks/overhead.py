@@ -207,6 +207,7 @@ def build_gpt(args, total_steps: int):
         embd_pdrop=shape["dropout"],
         attn_pdrop=shape["dropout"],
         bos_token_id=None,  # the recipe's character tokenizer has neither
+        activation_function="gelu_pytorch_tanh",  # as the recipe
         eos_token_id=None,
     )
     torch.manual_seed(seed)
