@@ -68,6 +68,18 @@ def gpt_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+FP32_STEPS = 6
+
+
+def fp32_gpt_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
+    """The tiny GPT for exact comparisons: fp32, no dropout, FP32_STEPS optimizer steps, a loss logged at every
+    step, one evaluation (2 batches of 4) at the end."""
+    return gpt_args(output_dir, token_cache, "--dropout", "0", "--max_train_steps", str(FP32_STEPS),
+                    "--num_warmup_steps", "2", "--log_every", "1", "--eval_every", str(FP32_STEPS), "--eval_iters",
+                    "2", "--per_device_eval_batch_size", "4", "--mixed_precision", "no", "--sample_tokens", "0",
+                    *extra)  # fmt: skip
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     """The records a recipe wrote to output_dir/metrics.jsonl."""
     import json

