@@ -121,7 +121,9 @@ def run_command(
     nodes: int = typer.Option(1, "--nodes", help="Number of machines."),
     node_rank: int = typer.Option(0, "--node-rank", help="This machine's rank, 0 to nodes-1."),
     main_ip: str | None = typer.Option(None, "--main-ip", help="Address of the node with rank 0."),
-    main_port: int | None = typer.Option(None, "--main-port", help="Port on the main node (default 29500)."),
+    main_port: int | None = typer.Option(
+        None, "--main-port", help="Port on the main node (default 29500; on one machine a free one if that is taken)."
+    ),
     config: str | None = typer.Option(
         None,
         "--config",
