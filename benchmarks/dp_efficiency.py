@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,25 +38,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import free_port, warn_if_busy
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "gpt_pretrain.py"
 PROBE = REPO_ROOT / "benchmarks" / "dp_comm_probe.py"
 TARGET = 0.95
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def warn_if_busy() -> None:
-    """Other work on the cores skews every number here: say so."""
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.2f} before starting: other work shares the cores, "
-              "so these timings are not a measurement", flush=True)  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_command(procs: int, script: Path) -> list[str]:

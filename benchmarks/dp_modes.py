@@ -33,13 +33,14 @@ import argparse
 import importlib.util
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import free_port, warn_if_busy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "gpt_pretrain.py"
@@ -104,20 +105,6 @@ def worker(result_path: str, recipe_args: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-
-
-def warn_if_busy() -> None:
-    """Other work on the cores skews the timings (not the bytes or the losses): say so."""
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.2f} before starting: other work shares the cores, "
-              "so the step times are not a measurement (bytes and losses are)", flush=True)  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_mode(mode: str, args, out: Path, cache: Path) -> dict:
@@ -205,7 +192,7 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
     root = Path(args.keep or tmp.name)
     root.mkdir(parents=True, exist_ok=True)
-    warn_if_busy()
+    warn_if_busy("the step times are not a measurement (bytes and losses are)")
     print(f"runs in {root}: {', '.join(modes)}; {args.steps} steps, global batch {args.global_batch} on 2 processes "
           f"x 1 thread, {args.repeats} repeat(s)", flush=True)  # fmt: skip
     runs = {m: [] for m in modes}

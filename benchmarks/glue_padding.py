@@ -30,17 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import warn_if_busy
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "glue_bert.py"
 BASE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def warn_if_busy() -> None:
-    """Other work on the cores skews every number here: say so."""
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.2f} before starting: other work shares the cores, "
-              "so these timings are not a measurement", flush=True)  # fmt: skip
 
 
 def run_recipe(fixed: bool, args, out: Path) -> dict:

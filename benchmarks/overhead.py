@@ -57,19 +57,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import warn_if_busy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = REPO_ROOT / "recipes"
 TARGET_RATIO = 1.03
 SHAKESPEARE_VOCAB = 65
-
-
-def warn_if_busy() -> None:
-    """Other work on the cores skews every number here: say so."""
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.2f} before starting: other work shares the cores, "
-              "so these timings are not a measurement", flush=True)  # fmt: skip
 
 
 def load_recipe(name: str):
