@@ -1143,156 +1143,167 @@ def main(argv=None) -> dict:
     if args.local_sgd_steps and accelerator.num_processes > 1:
         local_sgd = LocalSGD(accelerator, model, local_sgd_steps=args.local_sgd_steps).__enter__()
         local_sgd.num_steps = completed_steps  # a resumed run goes on averaging at multiples of K
-    progress = tqdm(total=max_train_steps, disable=not main_process, desc="training", dynamic_ncols=True)
-    progress.update(completed_steps)
-    step_loss = torch.zeros(2, device=accelerator.device)  # the same for the current optimizer step
-    grad_norm = None
-    start = last_log_time = time.perf_counter()
-    last_log_samples, last_log_flops = samples_seen, flops_done
-    peak = peak_tflops(accelerator)
-    for epoch in range(first_epoch, num_epochs):
-        if completed_steps >= max_train_steps:
-            break
-        model.train()
-        epoch_start = time.perf_counter()
-        epoch_generator_state = shuffle_generator.get_state()  # iterating the loader draws this epoch's order
-        batches, first = train_dataloader, 0
-        if epoch == first_epoch and first_micro_step:
-            batches, first = accelerator.skip_first_batches(train_dataloader, first_micro_step), first_micro_step
-        for micro_step, batch in enumerate(batches, start=first):
-            if micro_step % args.gradient_accumulation_steps == 0:
-                window_examples = examples_in_window(micro_step)
-            labels = batch.pop("labels")
-            # accumulate() skips the gradient all-reduce on the first k-1 micro-batches and makes the wrapped
-            # optimizer step and zero_grad only on the k-th (or the last batch of the epoch).
-            with accelerator.accumulate(model):
-                logits = model(**batch).logits.float()
-                if is_regression:
-                    per_example = (logits.squeeze(-1) - labels.float()) ** 2
+    # A `with`, so that every way out (an error, preemption) closes the bar: a later run in this process starts clean.
+    with tqdm(total=max_train_steps, disable=not main_process, desc="training", dynamic_ncols=True) as progress:
+        progress.update(completed_steps)
+        step_loss = torch.zeros(2, device=accelerator.device)  # the same for the current optimizer step
+        grad_norm = None
+        start = last_log_time = time.perf_counter()
+        last_log_samples, last_log_flops = samples_seen, flops_done
+        peak = peak_tflops(accelerator)
+        for epoch in range(first_epoch, num_epochs):
+            if completed_steps >= max_train_steps:
+                break
+            model.train()
+            epoch_start = time.perf_counter()
+            epoch_generator_state = shuffle_generator.get_state()  # iterating the loader draws this epoch's order
+            batches, first = train_dataloader, 0
+            if epoch == first_epoch and first_micro_step:
+                batches, first = accelerator.skip_first_batches(train_dataloader, first_micro_step), first_micro_step
+            for micro_step, batch in enumerate(batches, start=first):
+                if micro_step % args.gradient_accumulation_steps == 0:
+                    window_examples = examples_in_window(micro_step)
+                labels = batch.pop("labels")
+                # accumulate() skips the gradient all-reduce on the first k-1 micro-batches and makes the wrapped
+                # optimizer step and zero_grad only on the k-th (or the last batch of the epoch).
+                with accelerator.accumulate(model):
+                    logits = model(**batch).logits.float()
+                    if is_regression:
+                        per_example = (logits.squeeze(-1) - labels.float()) ** 2
+                    else:
+                        per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                    real = torch.ones_like(per_example)
+                    if micro_step == micro_batches_per_epoch - 1:  # the last round: leave out accelerate's repeats
+                        position = accelerator.process_index * len(labels) + torch.arange(
+                            len(labels), device=labels.device
+                        )
+                        real = (position < real_in_last_round).float()
+                    per_example = per_example * real
+                    loss_sum = per_example.sum()
+                    accelerator.backward(loss_sum * n * args.gradient_accumulation_steps / window_examples)
+                    finite = True
+                    if accelerator.sync_gradients:
+                        # The norm of the averaged gradient: the same on every rank, so all ranks decide alike.
+                        grad_norm = accelerator.clip_grad_norm_(
+                            model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+                        )
+                        # (fp16's loss scaler skips overflowing steps by itself and lowers its scale.)
+                        finite = bool(torch.isfinite(grad_norm)) or accelerator.scaler is not None
+                    if finite:
+                        optimizer.step()
+                    optimizer.zero_grad()
+                step_loss += torch.stack([loss_sum.detach(), real.sum()])
+                samples_seen += len(labels) * n
+                flops_done += training_flops(batch["input_ids"])
+                if not accelerator.sync_gradients:
+                    continue
+                if not finite:
+                    # A NaN or inf gradient: the weights are still those of the last good step. Skip it if allowed,
+                    # else stop before anything (a checkpoint, the final model) is written from a broken state.
+                    skipped_steps += 1
+                    latest = output_dir / "checkpoints" / "latest"
+                    if skipped_steps > args.nonfinite_skip_limit:
+                        stop(
+                            f"gradient norm is {float(grad_norm)} at optimizer step {completed_steps + 1} (epoch {epoch + 1}); "
+                            f"stopped without saving (last checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}). "
+                            "Lower --learning_rate, check the data, or allow skips with --nonfinite_skip_limit N"
+                        )
+                    log(
+                        f"step {completed_steps + 1}: gradient norm {float(grad_norm)}, step skipped ({skipped_steps}/{args.nonfinite_skip_limit})",
+                        {"step": completed_steps + 1, "epoch": epoch + 1, "skipped_nonfinite_step": skipped_steps},
+                    )
+                    step_loss.zero_()
                 else:
-                    per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-                real = torch.ones_like(per_example)
-                if micro_step == micro_batches_per_epoch - 1:  # the last round: leave out accelerate's repeats
-                    position = accelerator.process_index * len(labels) + torch.arange(len(labels), device=labels.device)
-                    real = (position < real_in_last_round).float()
-                per_example = per_example * real
-                loss_sum = per_example.sum()
-                accelerator.backward(loss_sum * n * args.gradient_accumulation_steps / window_examples)
-                finite = True
-                if accelerator.sync_gradients:
-                    # The norm of the averaged gradient: the same on every rank, so all ranks decide alike.
-                    grad_norm = accelerator.clip_grad_norm_(
-                        model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+                    window_loss += step_loss
+                    step_loss.zero_()
+                # One optimizer step (or a skipped one) happened: one scheduler step.
+                if not accelerator.optimizer_step_was_skipped:
+                    lr_scheduler.step()
+                completed_steps += 1
+                progress.update(1)
+                if local_sgd is not None:
+                    local_sgd.step()  # every K-th optimizer step: average the replicas' parameters
+                if completed_steps % args.log_every == 0 or completed_steps == max_train_steps:
+                    # Mean loss over all processes; every rank gets the same value, so all stop together on NaN.
+                    total = accelerator.reduce(window_loss, reduction="sum")
+                    mean_loss = (total[0] / total[1].clamp(min=1)).item()
+                    run_loss_sum, run_loss_count = run_loss_sum + total[0].item(), run_loss_count + int(total[1].item())
+                    window_loss.zero_()
+                    if not math.isfinite(mean_loss):
+                        stop(
+                            f"training loss is {mean_loss} at optimizer step {completed_steps}; lower --learning_rate, or use bf16 rather than fp16"
+                        )
+                    now = time.perf_counter()
+                    rate = (samples_seen - last_log_samples) / max(now - last_log_time, 1e-9)
+                    interval_flops = accelerator.reduce(
+                        torch.tensor(flops_done - last_log_flops, device=accelerator.device, dtype=torch.float64), "sum"
                     )
-                    # (fp16's loss scaler skips overflowing steps by itself and lowers its scale.)
-                    finite = bool(torch.isfinite(grad_norm)) or accelerator.scaler is not None
-                if finite:
-                    optimizer.step()
-                optimizer.zero_grad()
-            step_loss += torch.stack([loss_sum.detach(), real.sum()])
-            samples_seen += len(labels) * n
-            flops_done += training_flops(batch["input_ids"])
-            if not accelerator.sync_gradients:
-                continue
-            if not finite:
-                # A NaN or inf gradient: the weights are still those of the last good step. Skip it if allowed,
-                # else stop before anything (a checkpoint, the final model) is written from a broken state.
-                skipped_steps += 1
-                latest = output_dir / "checkpoints" / "latest"
-                if skipped_steps > args.nonfinite_skip_limit:
-                    stop(
-                        f"gradient norm is {float(grad_norm)} at optimizer step {completed_steps + 1} (epoch {epoch + 1}); "
-                        f"stopped without saving (last checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}). "
-                        "Lower --learning_rate, check the data, or allow skips with --nonfinite_skip_limit N"
+                    tflops = float(interval_flops) / max(now - last_log_time, 1e-9) / 1e12  # all processes together
+                    last_log_time, last_log_samples, last_log_flops = now, samples_seen, flops_done
+                    gn = (
+                        f" | grad norm {float(grad_norm):.3f}"
+                        if grad_norm is not None and args.max_grad_norm > 0
+                        else ""
                     )
+                    lr = lr_scheduler.get_last_lr()[0]
+                    log(
+                        f"step {completed_steps}/{max_train_steps} | epoch {epoch + 1} | loss {mean_loss:.4f} | lr {lr:.3e}"
+                        f"{gn} | {rate:.1f} samples/s | elapsed {now - start:.0f}s",
+                        {
+                            "step": completed_steps,
+                            "epoch": epoch + 1,
+                            "loss": mean_loss,
+                            "lr": lr,
+                            "samples_per_second": rate,
+                            "tflops": tflops,
+                            **({"mfu": tflops / (peak * n)} if peak else {}),  # share of the devices' peak
+                            "elapsed_s": now - start,
+                        },
+                    )
+                if completed_steps >= max_train_steps:
+                    break  # the end of training saves the model itself (a signal now lets it finish)
+                # A signal on any rank: every rank checkpoints, then exits. Asked at log steps only, where the loop syncs
+                # anyway: check_trigger is a collective, and one more per step costs data parallelism a few percent.
+                preempted = completed_steps % args.log_every == 0 and accelerator.check_trigger()
+                if preempted or (
+                    isinstance(args.checkpointing_steps, int) and completed_steps % args.checkpointing_steps == 0
+                ):
+                    checkpoint(epoch, micro_step + 1, epoch_generator_state)
+                if preempted:
+                    log(
+                        f"preempted ({preemption.get('signal', 'a signal to another rank')}) at optimizer step {completed_steps}: "
+                        f"checkpoint written, exit status {PREEMPTED_EXIT_CODE}; run the same command with "
+                        "--resume_from_checkpoint latest to continue"
+                    )
+                    accelerator.end_training()
+                    raise SystemExit(PREEMPTED_EXIT_CODE)
+            train_time += time.perf_counter() - epoch_start
+
+            # Evaluate after every epoch; the last one is the final result.
+            if local_sgd is not None:  # evaluate one model, the replicas' average (a sync between the every-K ones)
+                local_sgd._sync_and_avg_model_params()
+            for split in eval_names:
+                metrics, preds, labels = evaluate(split)
+                suffix = "_mm" if split == "validation_mm" else ""
+                eval_results.update({f"eval_{k}{suffix}": v for k, v in metrics.items()})
+                eval_results[f"eval_samples{suffix}"] = len(preds)
+                write_predictions(split, preds, labels)
                 log(
-                    f"step {completed_steps + 1}: gradient norm {float(grad_norm)}, step skipped ({skipped_steps}/{args.nonfinite_skip_limit})",
-                    {"step": completed_steps + 1, "epoch": epoch + 1, "skipped_nonfinite_step": skipped_steps},
-                )
-                step_loss.zero_()
-            else:
-                window_loss += step_loss
-                step_loss.zero_()
-            # One optimizer step (or a skipped one) happened: one scheduler step.
-            if not accelerator.optimizer_step_was_skipped:
-                lr_scheduler.step()
-            completed_steps += 1
-            progress.update(1)
-            if local_sgd is not None:
-                local_sgd.step()  # every K-th optimizer step: average the replicas' parameters
-            if completed_steps % args.log_every == 0 or completed_steps == max_train_steps:
-                # Mean loss over all processes; every rank gets the same value, so all stop together on NaN.
-                total = accelerator.reduce(window_loss, reduction="sum")
-                mean_loss = (total[0] / total[1].clamp(min=1)).item()
-                run_loss_sum, run_loss_count = run_loss_sum + total[0].item(), run_loss_count + int(total[1].item())
-                window_loss.zero_()
-                if not math.isfinite(mean_loss):
-                    stop(
-                        f"training loss is {mean_loss} at optimizer step {completed_steps}; lower --learning_rate, or use bf16 rather than fp16"
-                    )
-                now = time.perf_counter()
-                rate = (samples_seen - last_log_samples) / max(now - last_log_time, 1e-9)
-                interval_flops = accelerator.reduce(
-                    torch.tensor(flops_done - last_log_flops, device=accelerator.device, dtype=torch.float64), "sum"
-                )
-                tflops = float(interval_flops) / max(now - last_log_time, 1e-9) / 1e12  # all processes together
-                last_log_time, last_log_samples, last_log_flops = now, samples_seen, flops_done
-                gn = f" | grad norm {float(grad_norm):.3f}" if grad_norm is not None and args.max_grad_norm > 0 else ""
-                lr = lr_scheduler.get_last_lr()[0]
-                log(
-                    f"step {completed_steps}/{max_train_steps} | epoch {epoch + 1} | loss {mean_loss:.4f} | lr {lr:.3e}"
-                    f"{gn} | {rate:.1f} samples/s | elapsed {now - start:.0f}s",
+                    f"epoch {epoch + 1} {split}: "
+                    + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                    + f" ({len(preds)} examples)",
                     {
                         "step": completed_steps,
                         "epoch": epoch + 1,
-                        "loss": mean_loss,
-                        "lr": lr,
-                        "samples_per_second": rate,
-                        "tflops": tflops,
-                        **({"mfu": tflops / (peak * n)} if peak else {}),  # share of the devices' peak
-                        "elapsed_s": now - start,
+                        **{f"eval_{k}{suffix}": v for k, v in metrics.items()},
                     },
                 )
-            if completed_steps >= max_train_steps:
-                break  # the end of training saves the model itself (a signal now lets it finish)
-            # A signal on any rank: every rank checkpoints, then exits. Asked at log steps only, where the loop syncs
-            # anyway: check_trigger is a collective, and one more per step costs data parallelism a few percent.
-            preempted = completed_steps % args.log_every == 0 and accelerator.check_trigger()
-            if preempted or (
-                isinstance(args.checkpointing_steps, int) and completed_steps % args.checkpointing_steps == 0
-            ):
-                checkpoint(epoch, micro_step + 1, epoch_generator_state)
-            if preempted:
-                log(
-                    f"preempted ({preemption.get('signal', 'a signal to another rank')}) at optimizer step {completed_steps}: "
-                    f"checkpoint written, exit status {PREEMPTED_EXIT_CODE}; run the same command with "
-                    "--resume_from_checkpoint latest to continue"
-                )
-                accelerator.end_training()
-                raise SystemExit(PREEMPTED_EXIT_CODE)
-        train_time += time.perf_counter() - epoch_start
-
-        # Evaluate after every epoch; the last one is the final result.
-        if local_sgd is not None:  # evaluate one model, the replicas' average (a sync between the every-K ones)
-            local_sgd._sync_and_avg_model_params()
-        for split in eval_names:
-            metrics, preds, labels = evaluate(split)
-            suffix = "_mm" if split == "validation_mm" else ""
-            eval_results.update({f"eval_{k}{suffix}": v for k, v in metrics.items()})
-            eval_results[f"eval_samples{suffix}"] = len(preds)
-            write_predictions(split, preds, labels)
-            log(
-                f"epoch {epoch + 1} {split}: "
-                + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                + f" ({len(preds)} examples)",
-                {"step": completed_steps, "epoch": epoch + 1, **{f"eval_{k}{suffix}": v for k, v in metrics.items()}},
-            )
-        # samples/s and TFLOP/s of training, not evaluation
-        last_log_time, last_log_samples, last_log_flops = time.perf_counter(), samples_seen, flops_done
-        if args.checkpointing_steps == "epoch" and completed_steps < max_train_steps:
-            epoch_start = time.perf_counter()  # the epoch's time is already counted in train_time
-            checkpoint(epoch + 1, 0, shuffle_generator.get_state())  # the generator now holds the next epoch's start
-    progress.close()
+            # samples/s and TFLOP/s of training, not evaluation
+            last_log_time, last_log_samples, last_log_flops = time.perf_counter(), samples_seen, flops_done
+            if args.checkpointing_steps == "epoch" and completed_steps < max_train_steps:
+                epoch_start = time.perf_counter()  # the epoch's time is already counted in train_time
+                # The generator now holds the next epoch's start.
+                checkpoint(epoch + 1, 0, shuffle_generator.get_state())
     if local_sgd is not None:
         local_sgd.__exit__(None, None, None)  # a last average: the saved model is the replicas' mean
 

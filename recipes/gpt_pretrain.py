@@ -892,132 +892,135 @@ def main(argv: list[str] | None = None) -> dict:
         f"{num_parameters / 1e6:.2f}M parameters, vocabulary {len(tokenizer)}, "
         f"global batch {global_batch_size} x {block_size} tokens, {args.max_train_steps} steps"
     )
-    progress = tqdm(total=args.max_train_steps, disable=not is_main, desc="train", mininterval=1.0, dynamic_ncols=True)
-    model.train()
-    completed_steps, skipped_steps, window_loss = 0, 0, torch.zeros((), device=accelerator.device)
-    train_batches = train_loader
-    if resume_from is not None:
-        # Weights, optimizer, schedule and RNG come back as they were; the data continues where it stopped,
-        # because the sampler replays the same seeded stream and the batches already trained on are skipped.
-        state = resume_state
-        accelerator.load_state(str(resume_from))
-        completed_steps, skipped_steps = state["step"], state.get("skipped_steps", 0)
-        train_batches = accelerator.skip_first_batches(train_loader, completed_steps * args.gradient_accumulation_steps)
-        progress.update(completed_steps)
-        if is_main:  # forget what the interrupted run logged after its checkpoint
-            kept = [
-                r
-                for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())
-                if r["step"] <= completed_steps
-            ]
-            (output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-            logger.info(f"gpt-pretrain: resumed from {resume_from} at step {completed_steps}")
-    train_loss = eval_loss = float("nan")
-    preemption = on_preemption_signals(accelerator)
-    # Local SGD (--local_sgd_steps K): accelerate's LocalSGD turns DDP's gradient all-reduce off (no_sync) and
-    # averages the parameters every K optimizer steps. Entered here and left after the loop rather than as a `with`
-    # around it: leaving averages the replicas, a collective that must not run on an error path with a peer gone.
-    local_sgd = None
-    if args.local_sgd_steps and accelerator.num_processes > 1:
-        local_sgd = LocalSGD(accelerator, model, local_sgd_steps=args.local_sgd_steps).__enter__()
-        local_sgd.num_steps = completed_steps  # a resumed run goes on averaging at multiples of K
-    train_start = interval_start = time.perf_counter()
-    first_step, eval_time = completed_steps, 0.0  # this run's share, for its throughput
-    peak = peak_tflops(accelerator)
-    for inputs, targets in train_batches:
-        with accelerator.accumulate(model):
-            logits = model(input_ids=inputs).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            # Kept on the device: reading it with .item() every step would synchronise for nothing.
-            window_loss += loss.detach() / args.gradient_accumulation_steps
-            accelerator.backward(loss)  # divides by the accumulation steps; all-reduces only at the boundary
-            finite = True
-            if accelerator.sync_gradients:
-                # The norm of the averaged gradient is the same on every rank, so all ranks decide alike.
-                # (fp16's loss scaler skips overflowing steps by itself and lowers its scale.)
-                grad_norm = accelerator.clip_grad_norm_(
-                    model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+    # A `with`, so that every way out (an error, preemption) closes the bar: a later run in this process starts clean.
+    bar = dict(total=args.max_train_steps, disable=not is_main, desc="train", mininterval=1.0, dynamic_ncols=True)
+    with tqdm(**bar) as progress:
+        model.train()
+        completed_steps, skipped_steps, window_loss = 0, 0, torch.zeros((), device=accelerator.device)
+        train_batches = train_loader
+        if resume_from is not None:
+            # Weights, optimizer, schedule and RNG come back as they were; the data continues where it stopped,
+            # because the sampler replays the same seeded stream and the batches already trained on are skipped.
+            state = resume_state
+            accelerator.load_state(str(resume_from))
+            completed_steps, skipped_steps = state["step"], state.get("skipped_steps", 0)
+            train_batches = accelerator.skip_first_batches(
+                train_loader, completed_steps * args.gradient_accumulation_steps
+            )
+            progress.update(completed_steps)
+            if is_main:  # forget what the interrupted run logged after its checkpoint
+                kept = [
+                    r
+                    for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())
+                    if r["step"] <= completed_steps
+                ]
+                (output_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+                logger.info(f"gpt-pretrain: resumed from {resume_from} at step {completed_steps}")
+        train_loss = eval_loss = float("nan")
+        preemption = on_preemption_signals(accelerator)
+        # Local SGD (--local_sgd_steps K): accelerate's LocalSGD turns DDP's gradient all-reduce off (no_sync) and
+        # averages the parameters every K optimizer steps. Entered here and left after the loop rather than as a `with`
+        # around it: leaving averages the replicas, a collective that must not run on an error path with a peer gone.
+        local_sgd = None
+        if args.local_sgd_steps and accelerator.num_processes > 1:
+            local_sgd = LocalSGD(accelerator, model, local_sgd_steps=args.local_sgd_steps).__enter__()
+            local_sgd.num_steps = completed_steps  # a resumed run goes on averaging at multiples of K
+        train_start = interval_start = time.perf_counter()
+        first_step, eval_time = completed_steps, 0.0  # this run's share, for its throughput
+        peak = peak_tflops(accelerator)
+        for inputs, targets in train_batches:
+            with accelerator.accumulate(model):
+                logits = model(input_ids=inputs).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                # Kept on the device: reading it with .item() every step would synchronise for nothing.
+                window_loss += loss.detach() / args.gradient_accumulation_steps
+                accelerator.backward(loss)  # divides by the accumulation steps; all-reduces only at the boundary
+                finite = True
+                if accelerator.sync_gradients:
+                    # The norm of the averaged gradient is the same on every rank, so all ranks decide alike.
+                    # (fp16's loss scaler skips overflowing steps by itself and lowers its scale.)
+                    grad_norm = accelerator.clip_grad_norm_(
+                        model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+                    )
+                    finite = bool(torch.isfinite(grad_norm)) or accelerator.scaler is not None
+                if finite:
+                    optimizer.step()  # a no-op on accumulation micro-steps
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            if not finite:
+                # A NaN or inf gradient: the weights are still those of the last good step. Skip it if allowed, else
+                # stop before anything (a checkpoint, the final model) is written from a broken state.
+                skipped_steps += 1
+                latest = output_dir / "checkpoints" / "latest"
+                if skipped_steps > args.nonfinite_skip_limit:
+                    stop(
+                        f"gradient norm is {float(grad_norm)} at optimizer step {completed_steps + 1}; stopped without saving "
+                        f"(last checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}). Lower "
+                        "--learning_rate, check the data, or allow skips with --nonfinite_skip_limit N"
+                    )
+                log({"step": completed_steps + 1, "skipped_nonfinite_step": skipped_steps})
+                logger.info(f"step {completed_steps + 1}: gradient norm {float(grad_norm)}, step skipped")
+                window_loss.zero_()
+            # One optimizer step is done (or skipped): the schedule advances once, whatever the number of processes.
+            lr_scheduler.step()
+            completed_steps += 1
+            progress.update(1)
+            if local_sgd is not None:
+                local_sgd.step()  # every K-th optimizer step: average the replicas' parameters
+            if completed_steps % args.log_every == 0 or completed_steps == args.max_train_steps:
+                # The mean over all processes is the loss of the whole global batch.
+                train_loss = accelerator.reduce(window_loss, reduction="mean").item()
+                if not math.isfinite(train_loss):
+                    stop(
+                        f"the training loss became {train_loss} at step {completed_steps}: lower --learning_rate "
+                        "or use --mixed_precision bf16 instead of fp16"
+                    )
+                now = time.perf_counter()
+                steps_in_interval = completed_steps % args.log_every or args.log_every
+                tokens_per_second = steps_in_interval * tokens_per_step / (now - interval_start)
+                record = {
+                    "step": completed_steps,
+                    "loss": train_loss,
+                    "lr": lr_scheduler.get_last_lr()[0],
+                    "tokens_per_second": tokens_per_second,
+                    "tflops": tokens_per_second * flops_per_token / 1e12,  # all processes together
+                    "elapsed_s": now - start_time,
+                }
+                if peak:  # model FLOPs utilisation: the share of the devices' peak that trains the model
+                    record["mfu"] = record["tflops"] / (peak * accelerator.num_processes)
+                interval_start = now
+                log(record)
+                progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                logger.info(
+                    f"step {completed_steps:>6} | loss {train_loss:.4f} | lr {record['lr']:.3e} | "
+                    f"{record['tokens_per_second']:,.0f} tok/s | {record['tflops']:.3g} TFLOP/s | {record['elapsed_s']:.1f}s"
                 )
-                finite = bool(torch.isfinite(grad_norm)) or accelerator.scaler is not None
-            if finite:
-                optimizer.step()  # a no-op on accumulation micro-steps
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        if not finite:
-            # A NaN or inf gradient: the weights are still those of the last good step. Skip it if allowed, else
-            # stop before anything (a checkpoint, the final model) is written from a broken state.
-            skipped_steps += 1
-            latest = output_dir / "checkpoints" / "latest"
-            if skipped_steps > args.nonfinite_skip_limit:
-                stop(
-                    f"gradient norm is {float(grad_norm)} at optimizer step {completed_steps + 1}; stopped without saving "
-                    f"(last checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}). Lower "
-                    "--learning_rate, check the data, or allow skips with --nonfinite_skip_limit N"
-                )
-            log({"step": completed_steps + 1, "skipped_nonfinite_step": skipped_steps})
-            logger.info(f"step {completed_steps + 1}: gradient norm {float(grad_norm)}, step skipped")
             window_loss.zero_()
-        # One optimizer step is done (or skipped): the schedule advances once, whatever the number of processes.
-        lr_scheduler.step()
-        completed_steps += 1
-        progress.update(1)
-        if local_sgd is not None:
-            local_sgd.step()  # every K-th optimizer step: average the replicas' parameters
-        if completed_steps % args.log_every == 0 or completed_steps == args.max_train_steps:
-            # The mean over all processes is the loss of the whole global batch.
-            train_loss = accelerator.reduce(window_loss, reduction="mean").item()
-            if not math.isfinite(train_loss):
-                stop(
-                    f"the training loss became {train_loss} at step {completed_steps}: lower --learning_rate "
-                    "or use --mixed_precision bf16 instead of fp16"
+            if completed_steps % args.eval_every == 0 or completed_steps == args.max_train_steps:
+                eval_start = time.perf_counter()
+                eval_loss = evaluate()
+                log({"step": completed_steps, "eval_loss": eval_loss, "elapsed_s": time.perf_counter() - start_time})
+                logger.info(f"step {completed_steps:>6} | val loss {eval_loss:.4f}")
+                interval_start += time.perf_counter() - eval_start  # evaluation time is not training throughput
+                eval_time += time.perf_counter() - eval_start
+            if completed_steps >= args.max_train_steps:
+                break  # the end of training saves the model itself (a signal now lets it finish)
+            # A signal on any rank: every rank checkpoints, then exits. Asked at log steps only, where the loop syncs
+            # anyway: check_trigger is a collective, and one more per step costs data parallelism a few percent.
+            preempted = completed_steps % args.log_every == 0 and accelerator.check_trigger()
+            if preempted or (args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0):
+                if local_sgd is not None:  # rank 0's model is what is saved: make it the replicas' average
+                    local_sgd._sync_and_avg_model_params()
+                save_checkpoint(accelerator, output_dir, completed_steps, skipped_steps, args.checkpoints_total_limit)
+            if preempted:
+                logger.info(
+                    f"gpt-pretrain: preempted ({preemption.get('signal', 'a signal to another rank')}) at step "
+                    f"{completed_steps}: checkpoint written, exit status {PREEMPTED_EXIT_CODE}; run the same command "
+                    "with --resume_from_checkpoint latest to continue"
                 )
-            now = time.perf_counter()
-            steps_in_interval = completed_steps % args.log_every or args.log_every
-            tokens_per_second = steps_in_interval * tokens_per_step / (now - interval_start)
-            record = {
-                "step": completed_steps,
-                "loss": train_loss,
-                "lr": lr_scheduler.get_last_lr()[0],
-                "tokens_per_second": tokens_per_second,
-                "tflops": tokens_per_second * flops_per_token / 1e12,  # all processes together
-                "elapsed_s": now - start_time,
-            }
-            if peak:  # model FLOPs utilisation: the share of the devices' peak that trains the model
-                record["mfu"] = record["tflops"] / (peak * accelerator.num_processes)
-            interval_start = now
-            log(record)
-            progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-            logger.info(
-                f"step {completed_steps:>6} | loss {train_loss:.4f} | lr {record['lr']:.3e} | "
-                f"{record['tokens_per_second']:,.0f} tok/s | {record['tflops']:.3g} TFLOP/s | {record['elapsed_s']:.1f}s"
-            )
-        window_loss.zero_()
-        if completed_steps % args.eval_every == 0 or completed_steps == args.max_train_steps:
-            eval_start = time.perf_counter()
-            eval_loss = evaluate()
-            log({"step": completed_steps, "eval_loss": eval_loss, "elapsed_s": time.perf_counter() - start_time})
-            logger.info(f"step {completed_steps:>6} | val loss {eval_loss:.4f}")
-            interval_start += time.perf_counter() - eval_start  # evaluation time is not training throughput
-            eval_time += time.perf_counter() - eval_start
-        if completed_steps >= args.max_train_steps:
-            break  # the end of training saves the model itself (a signal now lets it finish)
-        # A signal on any rank: every rank checkpoints, then exits. Asked at log steps only, where the loop syncs
-        # anyway: check_trigger is a collective, and one more per step costs data parallelism a few percent.
-        preempted = completed_steps % args.log_every == 0 and accelerator.check_trigger()
-        if preempted or (args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0):
-            if local_sgd is not None:  # rank 0's model is what is saved: make it the replicas' average
-                local_sgd._sync_and_avg_model_params()
-            save_checkpoint(accelerator, output_dir, completed_steps, skipped_steps, args.checkpoints_total_limit)
-        if preempted:
-            logger.info(
-                f"gpt-pretrain: preempted ({preemption.get('signal', 'a signal to another rank')}) at step "
-                f"{completed_steps}: checkpoint written, exit status {PREEMPTED_EXIT_CODE}; run the same command "
-                "with --resume_from_checkpoint latest to continue"
-            )
-            accelerator.end_training()
-            raise SystemExit(PREEMPTED_EXIT_CODE)
-    progress.close()
+                accelerator.end_training()
+                raise SystemExit(PREEMPTED_EXIT_CODE)
     if local_sgd is not None:
         local_sgd.__exit__(None, None, None)  # a last average: the saved model is the replicas' mean
     train_runtime = time.perf_counter() - train_start - eval_time  # training only
