@@ -168,6 +168,7 @@ def detect_gpus() -> int:
 
 
 PREEMPTED_EXIT_CODE = 75  # the recipes' code for "checkpoint written after a preemption signal; resume"
+SHUTDOWN_GRACE_S = 120  # after a forwarded SIGTERM: time for the ranks to reach a log step and write a checkpoint
 
 
 def run_launch(launch: Launch) -> int:
@@ -175,8 +176,11 @@ def run_launch(launch: Launch) -> int:
 
     SIGTERM and SIGUSR1 (preemption; SLURM's --signal) reach the launcher as SIGTERM, which torch's launcher
     passes to every rank: the recipes then checkpoint and exit with PREEMPTED_EXIT_CODE. The launcher itself
-    exits 1 then, so that code is passed on here. (A launcher killed by SIGUSR1 would orphan the ranks.)"""
-    child = subprocess.Popen(launch.argv, env={**os.environ, **launch.env})
+    exits 1 then, so that code is passed on here. (A launcher killed by SIGUSR1 would orphan the ranks.)
+    torch's launcher kills ranks still running SHUTDOWN_GRACE_S after that SIGTERM (its own default, 30 s, can
+    cut a large model's checkpoint short); TORCH_ELASTIC_SHUTDOWN_TIMEOUT in the caller's environment wins."""
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, **launch.env}
+    child = subprocess.Popen(launch.argv, env=env)
     signalled = []
 
     def forward(signum, frame):

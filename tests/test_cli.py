@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ast
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import RECIPES_DIR, REPO_ROOT, subprocess_env
+from conftest import RECIPES_DIR, REPO_ROOT, free_port, kill_process_tree, subprocess_env
 from typer.testing import CliRunner
 
 from accel_dp import launch as launch_module
@@ -124,6 +126,52 @@ def test_run_launch_returns_the_child_exit_code():
     from accel_dp.launch import Launch, run_launch
 
     assert run_launch(Launch(argv=[sys.executable, "-c", "import sys; sys.exit(3)"])) == 3
+
+
+RANK_THAT_CHECKPOINTS_ON_SIGTERM = """
+import os, pathlib, signal, sys, time
+out, rank = pathlib.Path(sys.argv[1]), os.environ["RANK"]
+signal.signal(signal.SIGTERM, lambda signum, frame: (time.sleep(2), (out / f"saved-{rank}").write_text(
+    os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]), sys.exit(75)))  # a 2 s checkpoint, then the preempted code
+(out / f"ready-{rank}").touch()
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("caller_grace", [None, "0"])
+def test_accel_dp_run_gives_the_ranks_time_to_checkpoint_after_sigterm(tmp_path, monkeypatch, caller_grace):
+    """Through the real chain (accel-dp's run_launch, accelerate launch, torchrun, 2 ranks): after a forwarded
+    SIGTERM the ranks get SHUTDOWN_GRACE_S to write their checkpoint rather than torchrun's 30 s; a grace the
+    caller sets wins (0: torchrun kills the ranks at once, so nothing is saved)."""
+    from accel_dp.launch import PREEMPTED_EXIT_CODE, SHUTDOWN_GRACE_S
+
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_THAT_CHECKPOINTS_ON_SIGTERM)
+    driver = (
+        "import sys; from pathlib import Path; from accel_dp.launch import RunOptions, build_launch, run_launch; "
+        "options = RunOptions(cpu=True, procs=2, main_port=int(sys.argv[3]), recipe_args=(sys.argv[2],)); "
+        "sys.exit(run_launch(build_launch(Path(sys.argv[1]), options, 0)))"
+    )
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    env = subprocess_env(**({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": caller_grace} if caller_grace else {}))
+    command = [sys.executable, "-c", driver, str(script), str(tmp_path), str(free_port())]
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{rank}").exists() for rank in (0, 1)):
+            assert process.poll() is None and time.monotonic() < deadline, "the ranks never started"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        kill_process_tree(process.pid)
+    saved = sorted(p.name for p in tmp_path.glob("saved-*"))
+    if caller_grace is None:
+        assert code == PREEMPTED_EXIT_CODE and saved == ["saved-0", "saved-1"]
+        assert (tmp_path / "saved-0").read_text() == str(SHUTDOWN_GRACE_S) and SHUTDOWN_GRACE_S > 30
+    else:
+        assert saved == []  # killed mid-"checkpoint": the caller's grace is the one torchrun used
 
 
 def test_console_script_works_from_another_folder(tmp_path: Path):
