@@ -631,6 +631,9 @@ def check_checkpoint(path: Path, accelerator) -> dict:
         else:
             load(path / f"random_states_{accelerator.process_index}.pkl")  # weights_only=True
             load(path / "optimizer.bin", map_location="cpu")
+            own_optimizer = path / f"optimizer_rank_{accelerator.process_index}.bin"  # Local SGD's, if any
+            if own_optimizer.exists():
+                load(own_optimizer, map_location="cpu")
             load_file(path / "model.safetensors")
     except Exception as e:  # a truncated or overwritten file: say which checkpoint, suggest an older one
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -641,13 +644,19 @@ def check_checkpoint(path: Path, accelerator) -> dict:
     return state
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, keep: int | None) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: Path, step: int, state: dict, keep: int | None, own_optimizer=None
+) -> Path:
+    """`own_optimizer`: each rank's optimizer, saved by each rank (Local SGD, where the replicas' moments differ;
+    save_state keeps rank 0's only)."""
     root = output_dir / "checkpoints"
     final, staging = root / f"step-{step:07d}", root / f"step-{step:07d}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that was killed
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))  # every rank writes its own RNG state
+    if own_optimizer is not None:
+        torch.save(own_optimizer.state_dict(), staging / f"optimizer_rank_{accelerator.process_index}.bin")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / "training_state.json").write_text(json.dumps(state))
@@ -1096,7 +1105,7 @@ def main(argv=None) -> dict:
         samples_seen, train_time, skipped_steps = state["samples_seen"], state["train_time"], state["skipped_steps"]
         flops_done = state["flops_done"][accelerator.process_index]
         run_loss_sum, run_loss_count, eval_results = state["run_loss_sum"], state["run_loss_count"], state["eval"]
-        window_loss = torch.tensor(state["window_loss"], device=accelerator.device)
+        window_loss = torch.tensor(state["window_loss"][accelerator.process_index], device=accelerator.device)
         if main_process and (output_dir / "metrics.jsonl").is_file():  # forget what was logged after the checkpoint
             kept = [
                 line
@@ -1127,10 +1136,13 @@ def main(argv=None) -> dict:
             "skipped_steps": skipped_steps,
             "run_loss_sum": run_loss_sum,
             "run_loss_count": run_loss_count,
-            "window_loss": window_loss.tolist(),
+            "window_loss": gather_object([window_loss.tolist()]),  # each rank's part of the losses not yet logged
             "eval": eval_results,
         }
-        path = save_checkpoint(accelerator, output_dir, completed_steps, state, args.checkpoints_total_limit)
+        own_optimizer = optimizer if local_sgd is not None else None
+        path = save_checkpoint(
+            accelerator, output_dir, completed_steps, state, args.checkpoints_total_limit, own_optimizer
+        )
         log(f"checkpoint {path}")
         return path
 
@@ -1143,6 +1155,9 @@ def main(argv=None) -> dict:
     if args.local_sgd_steps and accelerator.num_processes > 1:
         local_sgd = LocalSGD(accelerator, model, local_sgd_steps=args.local_sgd_steps).__enter__()
         local_sgd.num_steps = completed_steps  # a resumed run goes on averaging at multiples of K
+        own_optimizer = resume_from / f"optimizer_rank_{accelerator.process_index}.bin" if resume_from else None
+        if own_optimizer is not None and own_optimizer.exists():  # this replica's moments, not rank 0's
+            optimizer.load_state_dict(load(own_optimizer, map_location="cpu"))
     # A `with`, so that every way out (an error, preemption) closes the bar: a later run in this process starts clean.
     with tqdm(total=max_train_steps, disable=not main_process, desc="training", dynamic_ncols=True) as progress:
         progress.update(completed_steps)

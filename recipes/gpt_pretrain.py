@@ -510,6 +510,9 @@ def check_checkpoint(path: Path, accelerator) -> dict:
         else:
             load(path / f"random_states_{accelerator.process_index}.pkl")  # weights_only=True
             load(path / "optimizer.bin", map_location="cpu")
+            own_optimizer = path / f"optimizer_rank_{accelerator.process_index}.bin"  # Local SGD's, if any
+            if own_optimizer.exists():
+                load(own_optimizer, map_location="cpu")
             load(path / "scheduler.bin")
             load_file(path / "model.safetensors")
     except Exception as e:  # a truncated or overwritten file: say which checkpoint, suggest an older one
@@ -521,13 +524,19 @@ def check_checkpoint(path: Path, accelerator) -> dict:
     return state
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, skipped_steps: int, keep: int | None) -> Path:
+def save_checkpoint(
+    accelerator, output_dir: Path, step: int, skipped_steps: int, keep: int | None, own_optimizer=None
+) -> Path:
+    """`own_optimizer`: each rank's optimizer, saved by each rank (Local SGD, where the replicas' moments differ;
+    save_state keeps rank 0's only)."""
     root = output_dir / "checkpoints"
     final, staging = root / f"step-{step:07d}", root / f"step-{step:07d}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that was killed
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))  # every rank writes its own RNG state
+    if own_optimizer is not None:
+        torch.save(own_optimizer.state_dict(), staging / f"optimizer_rank_{accelerator.process_index}.bin")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "world_size": accelerator.num_processes, "skipped_steps": skipped_steps}
@@ -925,6 +934,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.local_sgd_steps and accelerator.num_processes > 1:
             local_sgd = LocalSGD(accelerator, model, local_sgd_steps=args.local_sgd_steps).__enter__()
             local_sgd.num_steps = completed_steps  # a resumed run goes on averaging at multiples of K
+            own_optimizer = resume_from / f"optimizer_rank_{accelerator.process_index}.bin" if resume_from else None
+            if own_optimizer is not None and own_optimizer.exists():  # this replica's moments, not rank 0's
+                optimizer.load_state_dict(load(own_optimizer, map_location="cpu"))
         train_start = interval_start = time.perf_counter()
         first_step, eval_time = completed_steps, 0.0  # this run's share, for its throughput
         peak = peak_tflops(accelerator)
@@ -1012,7 +1024,8 @@ def main(argv: list[str] | None = None) -> dict:
             if preempted or (args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0):
                 if local_sgd is not None:  # rank 0's model is what is saved: make it the replicas' average
                     local_sgd._sync_and_avg_model_params()
-                save_checkpoint(accelerator, output_dir, completed_steps, skipped_steps, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, output_dir, completed_steps, skipped_steps, args.checkpoints_total_limit,
+                                own_optimizer=optimizer if local_sgd is not None else None)  # fmt: skip
             if preempted:
                 logger.info(
                     f"gpt-pretrain: preempted ({preemption.get('signal', 'a signal to another rank')}) at step "
