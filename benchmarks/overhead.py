@@ -20,7 +20,8 @@ gpt  (recipes/gpt_pretrain.py's loop, nanoGPT's CPU shape): transformers GPT2LMH
        scheduler), the recipe's TokenWindows dataset and RandomSampler behind the prepared loader, and the loop
        body of the recipe: `with accelerator.accumulate(model)`, forward, cross-entropy on float logits,
        accelerator.backward, accelerator.clip_grad_norm_, optimizer.step(), zero_grad(set_to_none=True),
-       lr_scheduler.step(), the on-device loss window and the every-10-steps accelerator.reduce(...).item().
+       lr_scheduler.step(), the on-device loss window (summed losses and steps) and the every-10-steps
+       accelerator.reduce(...).tolist().
      raw side: the same model, torch.optim.AdamW, torch.nn.utils.clip_grad_norm_, the scheduler, loss.backward(),
        batches taken from a list pre-built from the same loader (so its data costs nothing), loss.item() every 10.
 glue (recipes/glue_bert.py's loop): BertForSequenceClassification from the default model
@@ -102,7 +103,8 @@ class GptRecipeSide:
         self.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
         self.max_grad_norm, self.log_every = max_grad_norm, log_every
         self.completed_steps = 0
-        self.window_loss = torch.zeros((), device=accelerator.device)
+        self.window_loss = torch.zeros(2, device=accelerator.device)
+        self.step_loss = torch.zeros((), device=accelerator.device)
         self.model.train()
 
     def run(self, steps: int) -> None:
@@ -113,7 +115,7 @@ class GptRecipeSide:
             with accelerator.accumulate(model):
                 logits = model(input_ids=inputs).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-                self.window_loss += loss.detach() / self.gradient_accumulation_steps
+                self.step_loss += loss.detach() / self.gradient_accumulation_steps
                 accelerator.backward(loss)
                 finite = True
                 if accelerator.sync_gradients:  # the recipe's non-finite check: one host sync per step
@@ -126,15 +128,19 @@ class GptRecipeSide:
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
+            if finite:
+                self.window_loss[0] += self.step_loss
+                self.window_loss[1] += 1
+            self.step_loss.zero_()
             self.scheduler.step()
             self.completed_steps += 1
             done += 1
             if self.completed_steps % self.log_every == 0:
-                train_loss = accelerator.reduce(self.window_loss, reduction="mean").item()
-                if not math.isfinite(train_loss):
-                    raise RuntimeError(f"recipe side: loss {train_loss} at step {self.completed_steps}")
+                loss_sum, count = accelerator.reduce(self.window_loss, reduction="sum").tolist()
+                self.window_loss.zero_()
+                if count and not math.isfinite(loss_sum / count):
+                    raise RuntimeError(f"recipe side: loss {loss_sum / count} at step {self.completed_steps}")
                 self.last_lr = self.scheduler.get_last_lr()[0]
-            self.window_loss.zero_()
             if self.completed_steps % self.log_every == 0:
                 accelerator.check_trigger()  # the recipe's preemption check, at log steps
 

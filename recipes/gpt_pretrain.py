@@ -525,10 +525,11 @@ def check_checkpoint(path: Path, accelerator) -> dict:
 
 
 def save_checkpoint(
-    accelerator, output_dir: Path, step: int, skipped_steps: int, keep: int | None, own_optimizer=None
+    accelerator, output_dir: Path, step: int, skipped_steps: int, window_loss, keep: int | None, own_optimizer=None
 ) -> Path:
-    """`own_optimizer`: each rank's optimizer, saved by each rank (Local SGD, where the replicas' moments differ;
-    save_state keeps rank 0's only)."""
+    """`window_loss`: this rank's losses not yet logged. `own_optimizer`: each rank's optimizer, saved by each rank
+    (Local SGD, where the replicas' moments differ; save_state keeps rank 0's only)."""
+    window_losses = gather_object([window_loss.tolist()])  # a collective: before the main process's part
     root = output_dir / "checkpoints"
     final, staging = root / f"step-{step:07d}", root / f"step-{step:07d}.partial"
     if accelerator.is_main_process:
@@ -539,7 +540,8 @@ def save_checkpoint(
         torch.save(own_optimizer.state_dict(), staging / f"optimizer_rank_{accelerator.process_index}.bin")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "world_size": accelerator.num_processes, "skipped_steps": skipped_steps}
+        state = {"step": step, "world_size": accelerator.num_processes, "skipped_steps": skipped_steps,
+                 "window_loss": window_losses}  # fmt: skip
         (staging / "training_state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
@@ -905,7 +907,11 @@ def main(argv: list[str] | None = None) -> dict:
     bar = dict(total=args.max_train_steps, disable=not is_main, desc="train", mininterval=1.0, dynamic_ncols=True)
     with tqdm(**bar) as progress:
         model.train()
-        completed_steps, skipped_steps, window_loss = 0, 0, torch.zeros((), device=accelerator.device)
+        completed_steps, skipped_steps = 0, 0
+        # The loss is logged as the mean over the steps since the last log: their summed losses and their number,
+        # kept on the device (reading them with .item() every step would synchronise for nothing).
+        window_loss = torch.zeros(2, device=accelerator.device)
+        step_loss = torch.zeros((), device=accelerator.device)  # the current optimizer step's, over its micro-batches
         train_batches = train_loader
         if resume_from is not None:
             # Weights, optimizer, schedule and RNG come back as they were; the data continues where it stopped,
@@ -913,6 +919,8 @@ def main(argv: list[str] | None = None) -> dict:
             state = resume_state
             accelerator.load_state(str(resume_from))
             completed_steps, skipped_steps = state["step"], state.get("skipped_steps", 0)
+            if "window_loss" in state:  # this rank's part of the losses the interrupted run had not logged yet
+                window_loss = torch.tensor(state["window_loss"][accelerator.process_index], device=accelerator.device)
             train_batches = accelerator.skip_first_batches(
                 train_loader, completed_steps * args.gradient_accumulation_steps
             )
@@ -944,8 +952,7 @@ def main(argv: list[str] | None = None) -> dict:
             with accelerator.accumulate(model):
                 logits = model(input_ids=inputs).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-                # Kept on the device: reading it with .item() every step would synchronise for nothing.
-                window_loss += loss.detach() / args.gradient_accumulation_steps
+                step_loss += loss.detach() / args.gradient_accumulation_steps
                 accelerator.backward(loss)  # divides by the accumulation steps; all-reduces only at the boundary
                 finite = True
                 if accelerator.sync_gradients:
@@ -973,7 +980,10 @@ def main(argv: list[str] | None = None) -> dict:
                     )
                 log({"step": completed_steps + 1, "skipped_nonfinite_step": skipped_steps})
                 logger.info(f"step {completed_steps + 1}: gradient norm {float(grad_norm)}, step skipped")
-                window_loss.zero_()
+            else:
+                window_loss[0] += step_loss
+                window_loss[1] += 1
+            step_loss.zero_()
             # One optimizer step is done (or skipped): the schedule advances once, whatever the number of processes.
             lr_scheduler.step()
             completed_steps += 1
@@ -981,9 +991,12 @@ def main(argv: list[str] | None = None) -> dict:
             if local_sgd is not None:
                 local_sgd.step()  # every K-th optimizer step: average the replicas' parameters
             if completed_steps % args.log_every == 0 or completed_steps == args.max_train_steps:
-                # The mean over all processes is the loss of the whole global batch.
-                train_loss = accelerator.reduce(window_loss, reduction="mean").item()
-                if not math.isfinite(train_loss):
+                # Summed over the processes: each process's loss is its shard's mean, so the mean over processes and
+                # steps is the mean loss of the global batches since the last log (skipped steps left out).
+                loss_sum, steps = accelerator.reduce(window_loss, reduction="sum").tolist()
+                window_loss.zero_()
+                train_loss = loss_sum / steps if steps else train_loss  # every step skipped: the last value stands
+                if steps and not math.isfinite(train_loss):
                     stop(
                         f"the training loss became {train_loss} at step {completed_steps}: lower --learning_rate "
                         "or use --mixed_precision bf16 instead of fp16"
@@ -1008,7 +1021,6 @@ def main(argv: list[str] | None = None) -> dict:
                     f"step {completed_steps:>6} | loss {train_loss:.4f} | lr {record['lr']:.3e} | "
                     f"{record['tokens_per_second']:,.0f} tok/s | {record['tflops']:.3g} TFLOP/s | {record['elapsed_s']:.1f}s"
                 )
-            window_loss.zero_()
             if completed_steps % args.eval_every == 0 or completed_steps == args.max_train_steps:
                 eval_start = time.perf_counter()
                 eval_loss = evaluate()
@@ -1024,7 +1036,7 @@ def main(argv: list[str] | None = None) -> dict:
             if preempted or (args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0):
                 if local_sgd is not None:  # rank 0's model is what is saved: make it the replicas' average
                     local_sgd._sync_and_avg_model_params()
-                save_checkpoint(accelerator, output_dir, completed_steps, skipped_steps, args.checkpoints_total_limit,
+                save_checkpoint(accelerator, output_dir, completed_steps, skipped_steps, window_loss, args.checkpoints_total_limit,
                                 own_optimizer=optimizer if local_sgd is not None else None)  # fmt: skip
             if preempted:
                 logger.info(

@@ -54,6 +54,23 @@ def test_one_process_trains_and_saves_a_loadable_model(tmp_path, token_cache):
     assert (out / "sample.txt").read_text()
 
 
+def test_logged_loss_is_the_mean_over_the_steps_since_the_last_log(tmp_path, token_cache):
+    """Not the last step's loss alone: logging every 3 steps gives the mean of what logging every step gives."""
+    losses = {}
+    for log_every in (1, 3):
+        reset_accelerate_state()
+        out = tmp_path / f"every-{log_every}"
+        extra = ("--max_train_steps", "6", "--eval_every", "6", "--sample_tokens", "0", "--log_every", str(log_every))
+        load_recipe("gpt_pretrain").main(gpt_args(out, token_cache, *extra))
+        losses[log_every] = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+    every_step, every_third = losses[1], losses[3]
+    assert sorted(every_third) == [3, 6]
+    for step in (3, 6):
+        window = [every_step[s] for s in range(step - 2, step + 1)]
+        assert every_third[step] == pytest.approx(sum(window) / 3, abs=1e-6)
+        assert abs(every_third[step] - every_step[step]) > 1e-4  # (so the test tells the mean from the last step)
+
+
 def test_tokenized_corpus_is_cached_and_reused_until_corpus_or_tokenizer_change(tmp_path, token_cache):
     recipe = load_recipe("gpt_pretrain")
     corpus = tmp_path / "corpus.txt"
