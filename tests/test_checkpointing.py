@@ -114,18 +114,27 @@ def test_killed_gpt_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_pa
     assert (killed / "checkpoints" / "latest").read_text() == "step-0000100"
 
 
-def test_killed_gpt_local_sgd_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_path, token_cache):
-    """Under Local SGD the replicas' optimizer moments differ between averages: each rank saves and gets back its own."""
-    local_sgd = ["--local_sgd_steps", "4"]
+@pytest.mark.parametrize("recipe", ["gpt-pretrain", "glue-bert"])
+def test_killed_local_sgd_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_path, token_cache, recipe):
+    """Under Local SGD the replicas' optimizer moments differ between averages: each rank saves and gets back its
+    own. (Checkpoints at multiples of K, as the uninterrupted run averages only there.)"""
+    if recipe == "gpt-pretrain":
+        local_sgd, every = "4", "20"
+
+        def args(out, *extra):
+            return gpt_resumable_args(out, token_cache, *extra)
+    else:
+        args, local_sgd, every = glue_resumable_args, "2", "4"
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run("gpt-pretrain", 2, gpt_resumable_args(whole, token_cache, *local_sgd))
-    checkpointing = [*local_sgd, "--checkpointing_steps", "20"]
-    run_and_kill_after_first_checkpoint(
-        "gpt-pretrain", 2, gpt_resumable_args(killed, token_cache, *checkpointing), killed
-    )
-    run(
-        "gpt-pretrain", 2, gpt_resumable_args(killed, token_cache, *checkpointing, "--resume_from_checkpoint", "latest")
-    )
+    run(recipe, 2, args(whole, "--local_sgd_steps", local_sgd))
+    checkpointing = ["--local_sgd_steps", local_sgd, "--checkpointing_steps", every]
+    run_and_kill_after_first_checkpoint(recipe, 2, args(killed, *checkpointing), killed)
+    first = killed / "checkpoints" / f"step-{int(every):07d}"
+    assert sorted(p.name for p in first.glob("optimizer_rank_*.bin")) == [
+        "optimizer_rank_0.bin",
+        "optimizer_rank_1.bin",
+    ]
+    run(recipe, 2, args(killed, *checkpointing, "--resume_from_checkpoint", "latest"))
 
     assert torch.equal(saved_parameters(killed), saved_parameters(whole))
     assert loss_curve(killed) == loss_curve(whole)
