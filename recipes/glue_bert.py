@@ -1105,7 +1105,9 @@ def main(argv=None) -> dict:
         samples_seen, train_time, skipped_steps = state["samples_seen"], state["train_time"], state["skipped_steps"]
         flops_done = state["flops_done"][accelerator.process_index]
         run_loss_sum, run_loss_count, eval_results = state["run_loss_sum"], state["run_loss_count"], state["eval"]
-        window_loss = torch.tensor(state["window_loss"][accelerator.process_index], device=accelerator.device)
+        saved = state["window_loss"]  # each rank's [loss sum, examples]; one pair, rank 0's, in older checkpoints
+        own = saved[accelerator.process_index] if isinstance(saved[0], list) else saved if main_process else [0, 0]
+        window_loss = torch.tensor(own, dtype=torch.float32, device=accelerator.device)
         if main_process and (output_dir / "metrics.jsonl").is_file():  # forget what was logged after the checkpoint
             kept = [
                 line
@@ -1158,6 +1160,8 @@ def main(argv=None) -> dict:
         own_optimizer = resume_from / f"optimizer_rank_{accelerator.process_index}.bin" if resume_from else None
         if own_optimizer is not None and own_optimizer.exists():  # this replica's moments, not rank 0's
             optimizer.load_state_dict(load(own_optimizer, map_location="cpu"))
+        elif own_optimizer is not None:
+            logger.warning(f"{resume_from} has no per-process optimizer state: every process resumes with rank 0's")
     # A `with`, so that every way out (an error, preemption) closes the bar: a later run in this process starts clean.
     with tqdm(total=max_train_steps, disable=not main_process, desc="training", dynamic_ncols=True) as progress:
         progress.update(completed_steps)
@@ -1240,11 +1244,11 @@ def main(argv=None) -> dict:
                     local_sgd.step()  # every K-th optimizer step: average the replicas' parameters
                 if completed_steps % args.log_every == 0 or completed_steps == max_train_steps:
                     # Mean loss over all processes; every rank gets the same value, so all stop together on NaN.
-                    total = accelerator.reduce(window_loss, reduction="sum")
-                    mean_loss = (total[0] / total[1].clamp(min=1)).item()
-                    run_loss_sum, run_loss_count = run_loss_sum + total[0].item(), run_loss_count + int(total[1].item())
+                    loss_sum, examples = accelerator.reduce(window_loss, reduction="sum").tolist()
+                    mean_loss = loss_sum / examples if examples else None  # None: every step since was skipped
+                    run_loss_sum, run_loss_count = run_loss_sum + loss_sum, run_loss_count + int(examples)
                     window_loss.zero_()
-                    if not math.isfinite(mean_loss):
+                    if mean_loss is not None and not math.isfinite(mean_loss):
                         stop(
                             f"training loss is {mean_loss} at optimizer step {completed_steps}; lower --learning_rate, or use bf16 rather than fp16"
                         )
@@ -1262,12 +1266,13 @@ def main(argv=None) -> dict:
                     )
                     lr = lr_scheduler.get_last_lr()[0]
                     log(
-                        f"step {completed_steps}/{max_train_steps} | epoch {epoch + 1} | loss {mean_loss:.4f} | lr {lr:.3e}"
+                        f"step {completed_steps}/{max_train_steps} | epoch {epoch + 1} | loss "
+                        f"{'- (steps skipped)' if mean_loss is None else f'{mean_loss:.4f}'} | lr {lr:.3e}"
                         f"{gn} | {rate:.1f} samples/s | elapsed {now - start:.0f}s",
                         {
                             "step": completed_steps,
                             "epoch": epoch + 1,
-                            "loss": mean_loss,
+                            **({"loss": mean_loss} if mean_loss is not None else {}),
                             "lr": lr,
                             "samples_per_second": rate,
                             "tflops": tflops,

@@ -945,6 +945,8 @@ def main(argv: list[str] | None = None) -> dict:
             own_optimizer = resume_from / f"optimizer_rank_{accelerator.process_index}.bin" if resume_from else None
             if own_optimizer is not None and own_optimizer.exists():  # this replica's moments, not rank 0's
                 optimizer.load_state_dict(load(own_optimizer, map_location="cpu"))
+            elif own_optimizer is not None:
+                logger.warning(f"{resume_from} has no per-process optimizer state: every process resumes with rank 0's")
         train_start = interval_start = time.perf_counter()
         first_step, eval_time = completed_steps, 0.0  # this run's share, for its throughput
         peak = peak_tflops(accelerator)
@@ -995,7 +997,8 @@ def main(argv: list[str] | None = None) -> dict:
                 # steps is the mean loss of the global batches since the last log (skipped steps left out).
                 loss_sum, steps = accelerator.reduce(window_loss, reduction="sum").tolist()
                 window_loss.zero_()
-                train_loss = loss_sum / steps if steps else train_loss  # every step skipped: the last value stands
+                if steps:  # (none when every step since the last log was skipped)
+                    train_loss = loss_sum / steps
                 if steps and not math.isfinite(train_loss):
                     stop(
                         f"the training loss became {train_loss} at step {completed_steps}: lower --learning_rate "
@@ -1006,7 +1009,7 @@ def main(argv: list[str] | None = None) -> dict:
                 tokens_per_second = steps_in_interval * tokens_per_step / (now - interval_start)
                 record = {
                     "step": completed_steps,
-                    "loss": train_loss,
+                    **({"loss": train_loss} if steps else {}),
                     "lr": lr_scheduler.get_last_lr()[0],
                     "tokens_per_second": tokens_per_second,
                     "tflops": tokens_per_second * flops_per_token / 1e12,  # all processes together

@@ -22,6 +22,7 @@ from conftest import (
     kill_process_tree,
     load_recipe,
     read_metrics,
+    reset_accelerate_state,
     saved_parameters,
     subprocess_env,
 )
@@ -186,6 +187,26 @@ def test_resume_from_latest_with_no_checkpoint_starts_fresh_and_a_bad_path_is_re
     assert exit_info.value.code == 2
     assert "is not a gpt-pretrain checkpoint" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "all_results.json").read_text())["optimizer_steps"] == 3
+
+
+def test_glue_resumes_from_a_checkpoint_in_the_older_format(tmp_path):
+    """Checkpoints written before the loss window was saved per process hold one [sum, examples] pair (rank 0's):
+    they still resume, and on one process exactly."""
+    args = glue_resumable_args(tmp_path / "whole", "--max_train_steps", "4", "--checkpointing_steps", "3")
+    reset_accelerate_state()
+    load_recipe("glue_bert").main(args)
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step-0000003"
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert state["window_loss"][0][1] > 0  # step 3 falls between log steps (every 2): the window holds its loss
+    (checkpoint / "training_state.json").write_text(json.dumps({**state, "window_loss": state["window_loss"][0]}))
+
+    reset_accelerate_state()
+    load_recipe("glue_bert").main(
+        glue_resumable_args(tmp_path / "resumed", "--max_train_steps", "4", "--resume_from_checkpoint", str(checkpoint))
+    )
+    reset_accelerate_state()
+    assert torch.equal(saved_parameters(tmp_path / "resumed"), saved_parameters(tmp_path / "whole"))
+    assert loss_curve(tmp_path / "resumed") == [c for c in loss_curve(tmp_path / "whole") if c[0] > 3]
 
 
 # ---------------------------------------------------------------------------------------------------------------

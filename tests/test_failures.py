@@ -65,6 +65,8 @@ def test_nonfinite_steps_are_skipped_up_to_the_limit_and_change_nothing(tmp_path
     assert results["optimizer_steps"] == 4
     skipped = [r["skipped_nonfinite_step"] for r in read_metrics(out) if "skipped_nonfinite_step" in r]
     assert skipped == [1, 2, 3]  # steps 2, 3 and 4
+    # A log window whose every step was skipped logs no loss (not 0, not the previous window's).
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1]
     after_step_1 = model_tensors(out / "checkpoints" / "step-0000001" / "model.safetensors")
     final = model_tensors(out / "model.safetensors")
     shared = set(after_step_1) & set(final)
