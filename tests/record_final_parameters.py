@@ -10,8 +10,8 @@ and communication independently of anything the recipe reports about itself.
 If the recipe registered a communication hook of its own (--ddp_comm_hook), the counting hook is left out (DDP takes
 one hook) and the record names the recipe's hook instead. Every rank also counts the bytes it hands to
 torch.distributed.all_reduce, by who calls it: "gradients" (DDP communication hooks, compressed or not), "parameters"
-(accelerate's LocalSGD averaging) and "other" (the recipe's loss and trigger reductions). Under LocalSGD it also keeps
-the parameters as they were right after the last `local_sgd.step()`, before the final averaging.
+(the run kit's LocalSGD.average) and "other" (the recipe's loss and trigger reductions). Under Local SGD it also keeps
+the parameters as they were right after the last `local_sgd.step(...)`, before the final averaging.
 """
 
 import importlib.util
@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import accelerate
-import accelerate.local_sgd
 import torch
 import torch.distributed
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -31,18 +30,18 @@ allreduce_bytes = {"gradients": 0, "parameters": 0, "other": 0}
 comm_hook = {"name": None}
 local_sgd = {"steps": 0, "parameters": None}
 original_prepare, original_end_training = accelerate.Accelerator.prepare, accelerate.Accelerator.end_training
-original_all_reduce, original_local_sgd_step = torch.distributed.all_reduce, accelerate.local_sgd.LocalSGD.step
+original_all_reduce = torch.distributed.all_reduce
 
 
 def caller_kind() -> str:
     """Who called all_reduce: a DDP communication hook (also from a future's callback, as PowerSGD's second
-    all-reduce runs), accelerate's LocalSGD, or anything else."""
+    all-reduce runs), the run kit's LocalSGD.average, or anything else."""
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename.replace(os.sep, "/")
         if "/ddp_comm_hooks/" in name:
             return "gradients"
-        if name.endswith("accelerate/local_sgd.py"):
+        if name.endswith(f"recipes/{recipe_name}.py") and frame.f_code.co_name == "average":
             return "parameters"
         frame = frame.f_back
     return "other"
@@ -53,8 +52,8 @@ def counting_all_reduce(tensor, *args, **kwargs):
     return original_all_reduce(tensor, *args, **kwargs)
 
 
-def local_sgd_step_and_keep(self):
-    original_local_sgd_step(self)
+def local_sgd_step_and_keep(self, step):
+    original_local_sgd_step(self, step)
     local_sgd["steps"] += 1
     local_sgd["parameters"] = torch.cat([p.detach().flatten().float() for p in self.model.parameters()])
 
@@ -98,9 +97,11 @@ def record_then_finish(self):
 accelerate.Accelerator.prepare = prepare_and_count
 accelerate.Accelerator.end_training = record_then_finish
 torch.distributed.all_reduce = counting_all_reduce
-accelerate.local_sgd.LocalSGD.step = local_sgd_step_and_keep
 path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe_name}.py"
 spec = importlib.util.spec_from_file_location(recipe_name, path)
 recipe = importlib.util.module_from_spec(spec)
+sys.modules[recipe_name] = recipe
 spec.loader.exec_module(recipe)
+original_local_sgd_step = recipe.LocalSGD.step
+recipe.LocalSGD.step = local_sgd_step_and_keep
 recipe.main(recipe_args)

@@ -86,9 +86,13 @@ def corrupt(checkpoint: Path) -> Path:
     return checkpoint
 
 
-def written_by_two_processes(checkpoint: Path) -> Path:
+def rewritten(checkpoint: Path, **changes) -> Path:
+    """The checkpoint with its training_state.json changed: `layout` entries, or other keys (None removes one)."""
     state = json.loads((checkpoint / "training_state.json").read_text())
-    (checkpoint / "training_state.json").write_text(json.dumps({**state, "world_size": 2}))
+    state["layout"].update(changes.pop("layout", {}))
+    state.update(changes)
+    state = {k: v for k, v in state.items() if v is not None}
+    (checkpoint / "training_state.json").write_text(json.dumps(state))
     return checkpoint
 
 
@@ -124,8 +128,16 @@ CASES = {
     "gpt-corrupted-checkpoint": lambda t, c: gpt(
         t, c, "--resume_from_checkpoint", str(corrupt(checkpoint_of("gpt", t, c))), "--max_train_steps", "2"
     ),
-    "gpt-checkpoint-other-world-size": lambda t, c: gpt(
-        t, c, "--resume_from_checkpoint", str(written_by_two_processes(checkpoint_of("gpt", t, c))),
+    "gpt-checkpoint-other-global-batch": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of("gpt", t, c), layout={"processes": 2})),
+        "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
+    ),
+    "gpt-checkpoint-local-sgd-other-processes": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of("gpt", t, c), layout={"processes": 2,
+        "per_device_train_batch_size": 2}, per_process_optimizer=True)), "--max_train_steps", "2",
+    ),
+    "gpt-checkpoint-older-format": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of("gpt", t, c), format=None)),
         "--max_train_steps", "2",
     ),
     "gpt-checkpointing-steps-not-a-number": lambda t, c: gpt(t, c, "--checkpointing_steps", "often"),
@@ -147,9 +159,9 @@ CASES = {
     "glue-corrupted-checkpoint": lambda t, c: glue(
         t, "--resume_from_checkpoint", str(corrupt(checkpoint_of("glue", t, c))), "--max_train_steps", "2"
     ),
-    "glue-checkpoint-other-world-size": lambda t, c: glue(
-        t, "--resume_from_checkpoint", str(written_by_two_processes(checkpoint_of("glue", t, c))),
-        "--max_train_steps", "2",
+    "glue-checkpoint-other-global-batch": lambda t, c: glue(
+        t, "--resume_from_checkpoint", str(rewritten(checkpoint_of("glue", t, c), layout={"processes": 2})),
+        "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
     ),
     "glue-checkpointing-steps-not-a-number": lambda t, c: glue(t, "--checkpointing_steps", "often"),
     "glue-fp16-on-cpu": lambda t, c: glue(t, "--mixed_precision", "fp16"),

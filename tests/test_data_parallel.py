@@ -29,6 +29,7 @@ from conftest import (
     reset_accelerate_state,
     saved_parameters,
     subprocess_env,
+    tiny_bert,
 )
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -111,10 +112,12 @@ def test_gpt_global_batch_size_that_does_not_divide_is_refused(tmp_path, token_c
 
 
 def glue_args(output_dir: Path, *extra: str, task: str = "mrpc") -> list[str]:
-    """37 pairs: batches of 8 leave a last step of 5 examples, so uneven batches are always exercised.
+    """37 pairs: batches of 8 leave a last step of 5 examples, so uneven batches are always exercised. The tiny BERT:
+    what is compared is the arithmetic of data parallelism, not the model.
     A constant learning rate keeps that last step's update as large as the others."""
     return [
-        "--task", task, "--max_train_samples", "37", "--max_eval_samples", "8", "--max_length", "32",
+        "--task", task, "--model_name_or_path", tiny_bert(), "--max_train_samples", "37", "--max_eval_samples", "8",
+        "--max_length", "32",
         "--num_train_epochs", "1", "--dropout", "0", "--mixed_precision", "no", "--log_every", "1",
         "--lr_scheduler_type", "constant_with_warmup", "--num_warmup_steps", "1", "--learning_rate", "1e-4",
         "--per_device_eval_batch_size", "8", "--output_dir", str(output_dir), *extra,
@@ -237,10 +240,12 @@ def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    # The dependencies the README documents for a copied recipe (scikit-learn and scipy for GLUE's metrics).
+    # The dependencies the README documents for a copied recipe (scikit-learn and scipy for GLUE's metrics; psutil,
+    # which accelerate depends on, for the memory check).
     documented = {
         "torch",
         "accelerate",
+        "psutil",
         "transformers",
         "datasets",
         "tokenizers",

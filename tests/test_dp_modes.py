@@ -25,6 +25,7 @@ from conftest import (
     reset_accelerate_state,
     saved_parameters,
     subprocess_env,
+    tiny_bert,
 )
 
 
@@ -124,7 +125,7 @@ def test_gpt_local_sgd_replicas_agree_right_after_an_average_also_with_accumulat
         assert record["allreduce_calls"] == 0  # neither on micro-steps nor at the accumulation boundaries
 
 
-GLUE_ARGS = ["--task", "mrpc", "--max_train_samples", "37", "--max_eval_samples", "8", "--max_length", "32",
+GLUE_ARGS = ["--task", "mrpc", "--model_name_or_path", tiny_bert(), "--max_train_samples", "37", "--max_eval_samples", "8", "--max_length", "32",
              "--num_train_epochs", "1", "--dropout", "0", "--mixed_precision", "no", "--log_every", "1",
              "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8"]  # fmt: skip
 

@@ -103,6 +103,10 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path, token
     checkpoint, marker = out / "checkpoints" / "step-0000001", tmp_path / "code-ran"
     with open(checkpoint / poisoned, "wb") as f:
         pickle.dump({"state": RunsCode(marker)}, f)
+    # The attacker also fixes the file's size in the checkpoint's list, so that only loading it can tell.
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    state["files"][poisoned] = (checkpoint / poisoned).stat().st_size
+    (checkpoint / "training_state.json").write_text(json.dumps(state))
     assert pickle.loads((checkpoint / poisoned).read_bytes()) and marker.exists()  # the payload does work...
     marker.unlink()
 

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DATA_DIR, RECIPES_DIR, free_port, load_recipe, subprocess_env
+from conftest import DATA_DIR, RECIPES_DIR, free_port, load_recipe, subprocess_env, tiny_bert
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -113,6 +113,7 @@ def test_two_processes_mrpc(tmp_path):
         str(free_port()),
     ]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPES_DIR / "glue_bert.py"), *SMALL]
+    cmd += ["--model_name_or_path", tiny_bert()]  # the real model's quality is not what is tested here
     cmd += [
         "--gradient_accumulation_steps",
         "2",
@@ -266,7 +267,7 @@ def test_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "all_results.json").write_text("{}")
-    expect_usage_error(capsys, ["--output_dir", str(out)], "not empty", "--overwrite_output_dir")
+    expect_usage_error(capsys, ["--output_dir", str(out)], "already holds files", "--overwrite_output_dir")
 
 
 def test_fp16_on_cpu_refused(tmp_path, capsys):

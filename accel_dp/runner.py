@@ -1,0 +1,122 @@
+"""Run `accelerate launch` in this process, so that a run ends the way its recipe decided.
+
+    python -m accel_dp.runner <accelerate launch arguments>   # what `accel-dp run` and `accel-dp slurm`'s script run
+
+- The exit status is the recipe's: 2 bad input, 75 preempted (a checkpoint was written), 1 a failure; with several
+  processes the first that exited on its own (not killed by the launcher's teardown); 128 + N for one killed by
+  signal N. (`accelerate launch` itself exits 1 whenever a process fails, after a launcher traceback.)
+- Each distinct error line of the processes is printed once: the recipes' run kit writes it into the folder named by
+  ACCEL_DP_ERROR_DIR rather than to the terminal. No launcher traceback buries it; a launcher that fails on its own
+  (a bad option, a rendezvous that never completes) keeps its output.
+- SIGTERM and SIGUSR1 (preemption, Slurm's --signal) reach every process as SIGTERM, and this process returns only
+  after they have exited. accelerate's one-process launcher forwards no signal, so this runner signals its children
+  itself; torch's elastic agent runs off the main thread, where it installs no signal handlers of its own. The
+  processes have SHUTDOWN_GRACE_S (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; a value in the environment wins) to checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+
+PREEMPTED_EXIT_CODE = 75  # the recipes' run kit: a checkpoint was written after a signal; run again to resume
+ERROR_DIR_VARIABLE = "ACCEL_DP_ERROR_DIR"  # the run kit writes each process's error line into this folder
+SHUTDOWN_GRACE_S = 120  # after a SIGTERM: time for every process to reach a log step and write its checkpoint
+
+
+def exit_status(error: BaseException | None) -> tuple[int, int | None]:
+    """(exit status, global rank of the first process that failed on its own) for how the launcher ended."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if error is None:
+        return 0, None
+    if isinstance(error, subprocess.CalledProcessError):  # the one-process launcher: the recipe's own status
+        return as_status(error.returncode), 0
+    if isinstance(error, ChildFailedError):
+        # A process that exited with a status of its own came first; those the launcher then killed (negative
+        # codes: SIGTERM at teardown) are consequences. Ties in the launcher's 1-second timestamps go to the lowest rank.
+        rank, failure = min(error.failures.items(), key=lambda f: (f[1].exitcode < 0, f[1].timestamp, f[0]))
+        return as_status(failure.exitcode), rank
+    raise error
+
+
+def as_status(code: int) -> int:
+    return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128 + N
+
+
+def report_errors(error_dir: Path, first_rank: int | None) -> None:
+    """Each distinct error line of the processes once, the first failing process's first."""
+    files = sorted(error_dir.glob("rank-*"), key=lambda p: (p.name != f"rank-{first_rank}", int(p.name[5:])))
+    lines = dict.fromkeys(line for p in files for line in p.read_text().splitlines() if line.strip())
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+
+
+def quiet_launcher_logs() -> None:
+    """torch's elastic agent logs each failed process and each signal it sends; the exit status says it all."""
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # loggers torch creates later read it
+    import torch.distributed.run  # noqa: F401  (creates the agent's loggers)
+
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def run(launch_args: list[str], env: dict[str, str] | None = None) -> int:
+    """Run `accelerate launch launch_args` with `env` added to the environment; return the recipe's exit status."""
+    import psutil
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(launch_args)
+    error_dir = Path(tempfile.mkdtemp(prefix="accel-dp-errors-"))
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))
+    os.environ.update({**(env or {}), ERROR_DIR_VARIABLE: str(error_dir)})
+    quiet_launcher_logs()
+    outcome: dict[str, BaseException] = {}
+
+    def launch() -> None:
+        try:
+            launch_command(args)
+        except BaseException as error:  # noqa: BLE001  (judged in the main thread)
+            outcome["error"] = error
+
+    def forward(signum, frame) -> None:
+        for child in psutil.Process().children():
+            try:
+                child.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+
+    launcher = threading.Thread(target=launch, name="accelerate-launch", daemon=True)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        launcher.start()
+        while launcher.is_alive():
+            launcher.join(0.5)  # returns now and then, so that signals are handled here at once
+    except KeyboardInterrupt:  # Ctrl-C: the processes started in sessions of their own did not see it
+        for child in psutil.Process().children():
+            child.send_signal(signal.SIGINT)
+        launcher.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    try:
+        code, first_rank = exit_status(outcome.get("error"))
+    except BaseException as error:  # the launcher failed on its own: its traceback, as accelerate would show it
+        traceback.print_exception(error)
+        code, first_rank = 1, None
+    report_errors(error_dir, first_rank)
+    shutil.rmtree(error_dir, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
