@@ -42,7 +42,8 @@ def exit_status(error: BaseException | None) -> tuple[int, int | None]:
         return as_status(error.returncode), 0
     if isinstance(error, ChildFailedError):
         # A process that exited with a status of its own came first; those the launcher then killed (negative
-        # codes: SIGTERM at teardown) are consequences. Ties in the launcher's 1-second timestamps go to the lowest rank.
+        # codes: SIGTERM at teardown) are consequences. Ties in the launcher's 1-second timestamps go to the lowest
+        # rank.
         rank, failure = min(error.failures.items(), key=lambda f: (f[1].exitcode < 0, f[1].timestamp, f[0]))
         return as_status(failure.exitcode), rank
     raise error

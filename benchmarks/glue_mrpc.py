@@ -56,8 +56,10 @@ def main() -> int:
     print(
         f"\n{results['task']}: "
         + ", ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items())
-        + f" | {results['world_size']} process(es), {results['optimizer_steps']} optimizer steps, {results['epochs']} epoch(s)"
-        + f" | train {results['train_runtime_s']:.0f}s ({results['train_samples_per_second']:.1f} samples/s), wall {wall:.0f}s"
+        + f" | {results['world_size']} process(es), {results['optimizer_steps']} optimizer steps, "
+        + f"{results['epochs']} epoch(s)"
+        + f" | train {results['train_runtime_s']:.0f}s ({results['train_samples_per_second']:.1f} samples/s), "
+        + f"wall {wall:.0f}s"
     )
     if results["task"] == "mrpc" and not any(a.startswith("--max_train_samples") for a in extra):
         missed = {k: v for k, v in TARGET.items() if results.get(k, 0.0) < v}

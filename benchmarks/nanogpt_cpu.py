@@ -50,8 +50,11 @@ def main() -> None:
             wall, results = run_recipe(tmp / f"run{i}", tmp / "cache", extra)
             walls.append(wall)
             losses.append(results["eval_loss"])
-            print(f"run {i + 1}: wall {wall:6.1f} s (training {results['train_runtime_s']:.1f} s, "
-                  f"{results['tokens_per_second']:,.0f} tok/s) | val loss {results['eval_loss']:.4f}", flush=True)  # fmt: skip
+            print(
+                f"run {i + 1}: wall {wall:6.1f} s (training {results['train_runtime_s']:.1f} s, "
+                f"{results['tokens_per_second']:,.0f} tok/s) | val loss {results['eval_loss']:.4f}",
+                flush=True,
+            )
     wall, loss = statistics.median(walls), statistics.median(losses)
     print(f"median of {args.repeats}: wall {wall:.1f} s, val loss {loss:.4f}")
     print(f"against nanoGPT's train.py here ({NANOGPT_WALL_S:.0f} s, {NANOGPT_VAL_LOSS}): "

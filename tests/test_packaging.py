@@ -34,7 +34,8 @@ def test_installed_wheel_runs_a_recipe_from_another_folder(tmp_path: Path):
     assert str(site / "accel_dp" / "_bundle" / "recipes" / "gpt_pretrain.py") in " ".join(dry.stdout.split())
 
     tiny = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16", "--max_train_steps", "3",
-            "--eval_iters", "2", "--sample_tokens", "0", "--cache_dir", str(tmp_path / "cache"), "--output_dir", "out"]  # fmt: skip
+            "--eval_iters", "2", "--sample_tokens", "0", "--cache_dir", str(tmp_path / "cache"),
+            "--output_dir", "out"]  # fmt: skip
     run = subprocess.run([*accel_dp, "run", "gpt-pretrain", "--cpu", "--", *tiny], cwd=elsewhere, env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]

@@ -37,7 +37,8 @@ def gpt_like_records(steps: int, start_loss: float) -> list[dict]:
 
 def glue_like_records(steps: int) -> list[dict]:
     records = [
-        {"step": s, "epoch": 1 + s // 4, "loss": 0.7 - 0.01 * s, "lr": 1e-4, "samples_per_second": 50.0 + s, "elapsed_s": s}
+        {"step": s, "epoch": 1 + s // 4, "loss": 0.7 - 0.01 * s, "lr": 1e-4, "samples_per_second": 50.0 + s,
+         "elapsed_s": s}
         for s in range(1, steps + 1)
     ]  # fmt: skip
     records += [

@@ -126,8 +126,10 @@ def test_recipe_gets_a_fixed_output_dir_and_resumes_from_latest_unless_given():
     assert recipe_args(gpu_script()) == [
         "--model_size", "gpt2", "--output_dir", "/scratch/gpt", "--resume_from_checkpoint", "latest",
     ]  # fmt: skip
-    own = build_sbatch_script(RECIPE, "gpt-pretrain", SlurmJob(nodes=2, gpus_per_node=8, output_dir="/unused"),
-                              RunOptions(recipe_args=("--output_dir=/mine", "--resume_from_checkpoint", "/ckpt")))  # fmt: skip
+    own_args = RunOptions(recipe_args=("--output_dir=/mine", "--resume_from_checkpoint", "/ckpt"))
+    own = build_sbatch_script(
+        RECIPE, "gpt-pretrain", SlurmJob(nodes=2, gpus_per_node=8, output_dir="/unused"), own_args
+    )
     assert recipe_args(own) == ["--output_dir=/mine", "--resume_from_checkpoint", "/ckpt"]
     # A recipe that cannot resume is not requeued: a new job would start from scratch.
     plain = build_sbatch_script(RECIPE, "some-recipe", SlurmJob(nodes=2, gpus_per_node=8), can_resume=False)

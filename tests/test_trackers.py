@@ -1,5 +1,5 @@
-"""--report_to and logging: both recipes log their metrics and full config through accelerate's trackers, one tracker run per
-job however many processes; the tests read back what tensorboard and wandb (offline) recorded."""
+"""--report_to and logging: both recipes log their metrics and full config through accelerate's trackers, one tracker
+run per job however many processes; the tests read back what tensorboard and wandb (offline) recorded."""
 
 from __future__ import annotations
 
