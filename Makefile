@@ -11,8 +11,10 @@ install:
 	$(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pip install -e ".[dev]"
 
+# Two workers (pytest-xdist): much of the suite waits on process start-up, one core at a time. Tests sharing a
+# reference run are kept on one worker (xdist_group).
 test:
-	$(TEST_ENV) $(PYTHON) -m pytest -q tests
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup tests
 
 lint:
 	$(PYTHON) -m ruff check accel_dp recipes tests benchmarks

@@ -12,7 +12,7 @@ from rich.table import Table
 from . import __version__
 from .configs import describe_config, list_configs
 from .errors import UsageError
-from .launch import RunOptions, build_launch, detect_gpus, run_launch, settle_main_port
+from .launch import RunOptions, build_launch, detect_cpu_cores, detect_gpus, settle_main_port
 from .recipes import get_recipe, list_recipes
 
 app = typer.Typer(
@@ -162,7 +162,7 @@ def run_command(
         gpus_available = detect_gpus() if needs_machine else (gpus or 0)
         if not dry_run:
             options = settle_main_port(options)
-        launch = build_launch(recipe_path, options, gpus_available)
+        launch = build_launch(recipe_path, options, gpus_available, cpu_cores=detect_cpu_cores())
     except UsageError as err:
         fail(str(err))
     if dry_run:
@@ -174,7 +174,9 @@ def run_command(
         else ""
     )
     err_console.print(f"accel-dp: running {launch.summary}{hint}", highlight=False, soft_wrap=True)
-    raise typer.Exit(run_launch(launch))
+    from .runner import run  # accelerate's launcher in this process: the recipe's exit status and error line
+
+    raise typer.Exit(run(launch.argv[3:], launch.env))
 
 
 @app.command("report")
@@ -264,9 +266,13 @@ def slurm_command(
     ctx: typer.Context,
     recipe: str = typer.Argument(..., help="Recipe name (see `accel-dp list`).", autocompletion=complete_recipe),
     nodes: int = typer.Option(1, "--nodes", help="Number of nodes."),
-    gpus_per_node: int | None = typer.Option(None, "--gpus-per-node", help="GPUs (and processes) per node."),
+    gpus_per_node: int | None = typer.Option(
+        None, "--gpus", "--gpus-per-node", help="GPUs (and processes) per node, as in `accel-dp run`."
+    ),
     cpu: bool = typer.Option(False, "--cpu", help="CPU nodes: processes over gloo instead of GPUs."),
-    procs_per_node: int | None = typer.Option(None, "--procs-per-node", help="CPU processes per node, with --cpu."),
+    procs_per_node: int | None = typer.Option(
+        None, "--procs", "--procs-per-node", help="CPU processes per node, with --cpu."
+    ),
     config: str | None = typer.Option(
         None, "--config", help="A bundled config name or a YAML path.", autocompletion=complete_config
     ),
@@ -292,7 +298,7 @@ def slurm_command(
     srun starts accelerate launch on every node. On preemption, or --signal-seconds before the time limit, the
     recipe checkpoints and the job requeues and resumes. Arguments after `--` go to the recipe.
 
-    Example: accel-dp slurm gpt-pretrain --nodes 2 --gpus-per-node 8 --time 04:00:00 -- --model_size gpt2 > job.sh
+    Example: accel-dp slurm gpt-pretrain --nodes 2 --gpus 8 --time 04:00:00 -- --model_size gpt2 > job.sh
     """
     import time
 

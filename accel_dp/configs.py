@@ -36,8 +36,9 @@ def resolve_config(name_or_path: str, directory: Path | None = None) -> Path:
     )
 
 
-def config_distributed_type(path: Path) -> str:
-    """The `distributed_type` a config asks for (NO, MULTI_GPU, FSDP, DEEPSPEED, ...)."""
+def load_config(path: Path) -> dict:
+    """An accelerate config file's settings, checked with accelerate's own loader: unknown keys and values fail here,
+    not after the launch has started."""
     import yaml
 
     try:
@@ -52,11 +53,11 @@ def config_distributed_type(path: Path) -> str:
         )
     from accelerate.commands.config.config_args import load_config_from_file
 
-    try:  # accelerate's own loader: unknown keys and values fail here, not after the launch has started
+    try:
         load_config_from_file(str(path))
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UsageError(
             f"config {path} is not a valid accelerate config ({first}): fix it or choose another"
         ) from None
-    return str(loaded["distributed_type"]).upper()
+    return loaded

@@ -1,21 +1,20 @@
-"""Turn `accel-dp run` options into an `accelerate launch` command (pure), and run it (thin).
+"""Turn `accel-dp run` options into a launch command (pure); accel_dp/runner.py runs it.
 
-The topology decides the config when none is given: cpu, multi_cpu, single_gpu, multi_gpu or multi_node from
-accelerate_configs/. The command-line flags then override the config's process counts and addresses.
+The command is `python -m accel_dp.runner <accelerate launch arguments>`: accelerate's own launcher, run by the
+runner so that the recipe's exit status and error line come through (its docstring says how). The topology decides
+the config when none is given: cpu, multi_cpu, single_gpu, multi_gpu or multi_node from accelerate_configs/. The
+command-line flags then override the config's process counts and addresses.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
-import signal
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .configs import config_distributed_type, resolve_config
+from .configs import load_config, resolve_config
 from .errors import UsageError
 
 
@@ -47,11 +46,26 @@ class Launch:
         return " ".join([*assignments, shlex.join(self.argv)])
 
 
-def build_launch(recipe_path: Path, options: RunOptions, gpus_available: int, python: str = sys.executable) -> Launch:
-    """The exact `accelerate launch` command and environment for a recipe on the requested topology."""
-    on_cpu = options.cpu or (options.gpus is None and gpus_available == 0)
-    if options.cpu and options.gpus is not None:
-        raise UsageError("--gpus and --cpu contradict each other: drop one (--cpu --procs N runs N CPU processes)")
+def build_launch(
+    recipe_path: Path,
+    options: RunOptions,
+    gpus_available: int,
+    python: str = sys.executable,
+    cpu_cores: int | None = None,
+) -> Launch:
+    """The exact launch command and environment for a recipe on the requested topology. `cpu_cores`: this machine's
+    physical cores, shared out among its CPU processes (None: leave it to accelerate, which warns)."""
+    config = resolve_config(options.config) if options.config is not None else None
+    loaded = load_config(config) if config is not None else {}
+    # A config that says use_cpu (cpu, multi_cpu) runs on CPU: the processes must be told (ACCELERATE_USE_CPU),
+    # or on a GPU machine they would take the GPUs, and without a GPU run N unsynchronised copies.
+    on_cpu = options.cpu or bool(loaded.get("use_cpu")) or (options.gpus is None and gpus_available == 0)
+    if on_cpu and options.gpus is not None:
+        raise UsageError(
+            "--gpus and --cpu contradict each other: drop one (--cpu --procs N runs N CPU processes)"
+            if options.cpu
+            else f"{config.name} runs on CPU (use_cpu: true) but --gpus was given: drop one"
+        )
     if options.procs is not None and not on_cpu:
         raise UsageError("--procs counts CPU processes: add --cpu, or use --gpus N for GPU processes")
     if options.nodes < 1:
@@ -88,15 +102,18 @@ def build_launch(recipe_path: Path, options: RunOptions, gpus_available: int, py
 
     # The user's own config keeps its process counts unless the topology flags say otherwise.
     topology_given = options.gpus is not None or options.procs is not None or options.nodes > 1
-    if options.config is not None:
-        config = resolve_config(options.config)
-        distributed_type = config_distributed_type(config)
+    if config is not None:
+        distributed_type = str(loaded["distributed_type"]).upper()
         if distributed_type == "NO" and topology_given and total > 1:
-            raise UsageError(f"{config.name} runs a single process but {total} were asked for: use "
-                             f"{'multi_cpu' if on_cpu else 'multi_gpu'} or another multi-process config")  # fmt: skip
+            raise UsageError(
+                f"{config.name} runs a single process but {total} were asked for: use "
+                f"{'multi_cpu' if on_cpu else 'multi_gpu'} or another multi-process config"
+            )
         if on_cpu and distributed_type in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            raise UsageError(f"{config.name} ({distributed_type}) needs GPUs: on CPU accelerate would silently run "
-                             "plain DDP instead; use --config multi_cpu")  # fmt: skip
+            raise UsageError(
+                f"{config.name} ({distributed_type}) needs GPUs: on CPU accelerate would silently run plain DDP "
+                "instead; use --config multi_cpu"
+            )
     elif options.nodes > 1:
         config = resolve_config("multi_node")
     elif on_cpu:
@@ -104,7 +121,7 @@ def build_launch(recipe_path: Path, options: RunOptions, gpus_available: int, py
     else:
         config = resolve_config("multi_gpu" if total > 1 else "single_gpu")
 
-    argv = [python, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    argv = [python, "-m", "accel_dp.runner", "--config_file", str(config)]
     if options.config is None or topology_given:
         argv += ["--num_processes", str(total), "--num_machines", str(options.nodes)]
     if options.nodes > 1:
@@ -113,6 +130,8 @@ def build_launch(recipe_path: Path, options: RunOptions, gpus_available: int, py
         argv += ["--main_process_port", str(options.main_port if options.main_port is not None else 29500)]
     if options.mixed_precision is not None:
         argv += ["--mixed_precision", options.mixed_precision]
+    if on_cpu and cpu_cores is not None:  # accelerate's own rule (cores / local processes), said out loud
+        argv += ["--num_cpu_threads_per_process", str(max(1, cpu_cores // per_node))]
     argv.append(str(recipe_path))
     if options.grad_accum is not None:
         argv += ["--gradient_accumulation_steps", str(options.grad_accum)]
@@ -167,30 +186,11 @@ def detect_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-PREEMPTED_EXIT_CODE = 75  # the recipes' code for "checkpoint written after a preemption signal; resume"
-SHUTDOWN_GRACE_S = 120  # after a forwarded SIGTERM: time for the ranks to reach a log step and write a checkpoint
+def detect_cpu_cores() -> int | None:
+    """Physical cores, as accelerate counts them when it sets the threads per CPU process; None when the caller's
+    OMP_NUM_THREADS decides (accelerate then takes that)."""
+    import os
 
+    import psutil
 
-def run_launch(launch: Launch) -> int:
-    """Run the command with the caller's environment plus the launch's; return the recipe's exit code.
-
-    SIGTERM and SIGUSR1 (preemption; SLURM's --signal) reach the launcher as SIGTERM, which torch's launcher
-    passes to every rank: the recipes then checkpoint and exit with PREEMPTED_EXIT_CODE. The launcher itself
-    exits 1 then, so that code is passed on here. (A launcher killed by SIGUSR1 would orphan the ranks.)
-    torch's launcher kills ranks still running SHUTDOWN_GRACE_S after that SIGTERM (its own default, 30 s, can
-    cut a large model's checkpoint short); TORCH_ELASTIC_SHUTDOWN_TIMEOUT in the caller's environment wins."""
-    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, **launch.env}
-    child = subprocess.Popen(launch.argv, env=env)
-    signalled = []
-
-    def forward(signum, frame):
-        signalled.append(signum)
-        child.send_signal(signal.SIGTERM)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        code = child.wait()
-        return PREEMPTED_EXIT_CODE if signalled and code != 0 else code
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return None if "OMP_NUM_THREADS" in os.environ else psutil.cpu_count(logical=False)

@@ -8,10 +8,11 @@
 - Each distinct error line of the processes is printed once: the recipes' run kit writes it into the folder named by
   ACCEL_DP_ERROR_DIR rather than to the terminal. No launcher traceback buries it; a launcher that fails on its own
   (a bad option, a rendezvous that never completes) keeps its output.
-- SIGTERM and SIGUSR1 (preemption, Slurm's --signal) reach every process as SIGTERM, and this process returns only
-  after they have exited. accelerate's one-process launcher forwards no signal, so this runner signals its children
-  itself; torch's elastic agent runs off the main thread, where it installs no signal handlers of its own. The
-  processes have SHUTDOWN_GRACE_S (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; a value in the environment wins) to checkpoint.
+- SIGTERM and SIGUSR1 (preemption, Slurm's --signal) reach every process at once as SIGTERM, and this process
+  returns only after they have exited. accelerate's one-process launcher forwards no signal, so this runner signals
+  its children itself; torch's elastic agent runs off the main thread, where it installs no signal handlers of its
+  own. The processes then checkpoint together (a collective save) and exit; once the first has, torch's agent gives
+  the others 30 s before it kills them, far more than they need to leave the save's last barrier.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from pathlib import Path
 
 PREEMPTED_EXIT_CODE = 75  # the recipes' run kit: a checkpoint was written after a signal; run again to resume
 ERROR_DIR_VARIABLE = "ACCEL_DP_ERROR_DIR"  # the run kit writes each process's error line into this folder
-SHUTDOWN_GRACE_S = 120  # after a SIGTERM: time for every process to reach a log step and write its checkpoint
 
 
 def exit_status(error: BaseException | None) -> tuple[int, int | None]:
@@ -38,6 +38,8 @@ def exit_status(error: BaseException | None) -> tuple[int, int | None]:
 
     if error is None:
         return 0, None
+    if isinstance(error, SystemExit):  # accelerate's launcher with --quiet exits 1 for any failure
+        return (error.code if isinstance(error.code, int) else 1), 0
     if isinstance(error, subprocess.CalledProcessError):  # the one-process launcher: the recipe's own status
         return as_status(error.returncode), 0
     if isinstance(error, ChildFailedError):
@@ -78,7 +80,7 @@ def run(launch_args: list[str], env: dict[str, str] | None = None) -> int:
 
     args = launch_command_parser().parse_args(launch_args)
     error_dir = Path(tempfile.mkdtemp(prefix="accel-dp-errors-"))
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))
+    environment = dict(os.environ)  # given back at the end: a caller in the same process keeps its own
     os.environ.update({**(env or {}), ERROR_DIR_VARIABLE: str(error_dir)})
     quiet_launcher_logs()
     outcome: dict[str, BaseException] = {}
@@ -86,7 +88,7 @@ def run(launch_args: list[str], env: dict[str, str] | None = None) -> int:
     def launch() -> None:
         try:
             launch_command(args)
-        except BaseException as error:  # noqa: BLE001  (judged in the main thread)
+        except BaseException as error:  # judged in the main thread
             outcome["error"] = error
 
     def forward(signum, frame) -> None:
@@ -109,6 +111,8 @@ def run(launch_args: list[str], env: dict[str, str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.environ.clear()
+        os.environ.update(environment)
     try:
         code, first_rank = exit_status(outcome.get("error"))
     except BaseException as error:  # the launcher failed on its own: its traceback, as accelerate would show it

@@ -1,4 +1,4 @@
-"""`accel-dp slurm`: an sbatch script that runs a recipe on N nodes with `accelerate launch` on each (pure).
+"""`accel-dp slurm`: an sbatch script that runs a recipe on N nodes with accel-dp's runner on each (pure).
 
 The launch command is `launch.build_launch`'s, built for node 0 and then given shell variables where each node
 differs: its machine rank is `$SLURM_NODEID`, expanded on that node (the command is single-quoted for
@@ -96,11 +96,11 @@ def build_sbatch_script(
     if job.nodes < 1:
         raise UsageError(f"--nodes must be at least 1, got {job.nodes}")
     if job.cpu and job.gpus_per_node is not None:
-        raise UsageError("--gpus-per-node and --cpu contradict each other: drop one")
+        raise UsageError("--gpus and --cpu contradict each other: drop one")
     if not job.cpu and job.gpus_per_node is None:
-        raise UsageError("say how many GPUs each node has with --gpus-per-node G (or --cpu for CPU nodes)")
+        raise UsageError("say how many GPUs each node has with --gpus G (or --cpu for CPU nodes)")
     if job.procs_per_node is not None and not job.cpu:
-        raise UsageError("--procs-per-node counts CPU processes: add --cpu, or use --gpus-per-node")
+        raise UsageError("--procs counts CPU processes: add --cpu, or use --gpus")
     if job.signal_seconds < 1:
         raise UsageError(f"--signal-seconds must be at least 1, got {job.signal_seconds}")
     run = run or RunOptions()
@@ -192,8 +192,6 @@ def build_sbatch_script(
         "# environment win (e.g. to test this script off the cluster).",
         'export MAIN_ADDR="${MAIN_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"',
         f'export MAIN_PORT="${{MAIN_PORT:-{port}}}"',
-        "# torchrun gives the processes this long to checkpoint after SIGTERM before it kills them.",
-        f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={max(job.signal_seconds - 10, 10)}",
         *environment,
         f'echo "accel-dp: {recipe_name} on $SLURM_JOB_NUM_NODES node(s), main node $MAIN_ADDR:$MAIN_PORT" >&2',
         "",

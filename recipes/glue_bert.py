@@ -62,8 +62,6 @@ from accelerate.utils import (
     set_seed,
 )
 from safetensors import safe_open
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
@@ -357,6 +355,10 @@ def load_splits(args, accelerator) -> dict:
 def glue_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict:
     """The task's metrics as GLUE defines them: F1 of the positive class 1 (MRPC, QQP), Matthews correlation
     (CoLA), Pearson and Spearman correlations (STS-B), accuracy (the rest, and MRPC/QQP too)."""
+    # Imported here, not at the top: 1.5 s of start-up that only the evaluation needs.
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     compute = {
         "accuracy": lambda: accuracy_score(labels, predictions),
         "f1": lambda: f1_score(labels, predictions, pos_label=1, zero_division=0),
@@ -798,14 +800,22 @@ class AboveProgressBar(logging.Handler):
         tqdm.write(self.format(record))
 
 
-def exit_with_error(message: str, code: int) -> NoReturn:
-    """One line that says what is wrong and what to do, then exit with `code` and no traceback. Under `accel-dp run`
-    the line goes to a file of this process's, and accel-dp prints each distinct line once for all processes."""
+def report_error(message: str) -> None:
+    """One line that says what is wrong and what to do. Under `accel-dp run` it goes to a file of this process's, and
+    accel-dp prints each distinct line once for all processes."""
     error_dir = os.environ.get(ERROR_DIR_VARIABLE)
     if error_dir and os.path.isdir(error_dir):
         Path(error_dir, f"rank-{os.environ.get('RANK', '0')}").write_text(f"error: {message}\n")
     else:
         tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, under any progress bar
+
+
+def exit_with_error(message: str, code: int) -> NoReturn:
+    """Report, then exit with `code` and no traceback. A process that left with its process group alive can abort
+    in gloo's teardown (std::terminate, status 134) as a peer closes its connections: release the group first."""
+    report_error(message)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     raise SystemExit(code)
 
 
@@ -1202,8 +1212,9 @@ class Checkpointer:
         return path
 
     def _check(self, path: Path) -> dict:
-        """Read the checkpoint's state and check, on every process, that its files are whole and load; one clear
-        error otherwise. (accelerate's load_state would skip an unreadable RNG file silently, and resume inexactly.)"""
+        """Read the checkpoint's state and check, on every process, that its files are whole and load, then that this
+        run can continue it; one clear error otherwise. (accelerate's load_state would skip an unreadable RNG file
+        silently, and resume inexactly.)"""
         problem, state = None, {}
         try:
             state = json.loads((path / "training_state.json").read_text())
@@ -1214,19 +1225,8 @@ class Checkpointer:
                     "wrote it, or start a new run"
                 )
             else:
+                self._check_files(path, state["files"])
                 problem = self._adopt_layout(path, state["layout"], state["per_process_optimizer"])
-            for name, size in ({} if problem else state["files"]).items():
-                file = path / name
-                if not file.is_file() or file.stat().st_size != size:
-                    raise OSError(f"{name} is missing or has another size than was written")
-                if file.suffix in (".bin", ".pkl") and not name.startswith("random_states_"):
-                    load(file, map_location="cpu")  # weights_only: a pickle holding code is refused, not run
-                elif file.suffix == ".safetensors":
-                    with safe_open(file, "pt") as tensors:
-                        tensors.keys()
-            own_rng = path / f"random_states_{self.accelerator.process_index}.pkl"
-            if not problem and own_rng.is_file():
-                load(own_rng)
         except Exception as e:  # a truncated or overwritten file: say which checkpoint, suggest an older one
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             problem = (
@@ -1237,6 +1237,22 @@ class Checkpointer:
         if problems:
             fail(problems[0])
         return state
+
+    def _check_files(self, path: Path, files: dict[str, int]) -> None:
+        """Every file save_state wrote is there at its size; pickles load with weights_only (one holding code is
+        refused, never run), safetensors headers parse. FSDP's and DeepSpeed's shards are checked by size."""
+        for name, size in files.items():
+            file = path / name
+            if not file.is_file() or file.stat().st_size != size:
+                raise OSError(f"{name} is missing or has another size than was written")
+            if file.suffix in (".bin", ".pkl") and not name.startswith("random_states_"):
+                load(file, map_location="cpu")
+            elif file.suffix == ".safetensors":
+                with safe_open(file, "pt") as tensors:
+                    tensors.keys()
+        own_rng = path / f"random_states_{self.accelerator.process_index}.pkl"
+        if own_rng.is_file():
+            load(own_rng)
 
     def _adopt_layout(self, path: Path, saved: dict, per_process_optimizer: bool) -> str | None:
         """The global batch must be the one the checkpoint was written with; how it is split may change. With no
@@ -1277,20 +1293,28 @@ class Checkpointer:
         if self.state is None:
             return {}
         step, path = self.state["step"], self.resume_from
-        newer = sorted(p for p in self.root.glob("step-*") if self._step_of(p) > step) if self.root.is_dir() else []
+        newer = [p for p in self.root.glob("step-*") if self._step_of(p) > step] if self.root.is_dir() else []
         if newer and self.accelerator.is_main_process:  # another timeline, abandoned: kept aside, not deleted
             aside = self.root / f"abandoned-{datetime.now():%Y%m%d-%H%M%S}"
             aside.mkdir()
             for folder in newer:
                 folder.rename(aside / folder.name)
-            logger.info(
-                f"{RECIPE}: resuming from step {step}; the newer checkpoints {[p.name for p in newer]} were moved "
-                f"to {aside}"
-            )
+            kept = sorted((p for p in self.root.glob("step-*") if self._step_of(p) >= 0), key=self._step_of)
+            if kept:  # `latest` never names a folder that is gone
+                self._point_latest_to(kept[-1])
+            else:
+                (self.root / "latest").unlink(missing_ok=True)
+            names = ", ".join(sorted(p.name for p in newer))
+            logger.info(f"{RECIPE}: resuming from step {step}; the newer checkpoints ({names}) moved to {aside}")
         self.accelerator.wait_for_everyone()
         self.accelerator.load_state(str(path))
         same_layout = self.state["layout"] == self.layout()
-        if not same_layout:  # the saved RNG states belong to other processes: a new stream, the same on every rerun
+        if not same_layout:
+            # load_state brought back the writer's micro-batch count, which places accumulation windows; with other
+            # accumulation steps it would close this run's first window early. A checkpoint is taken at an optimizer
+            # step's boundary: count afresh. (accelerate 1.15 has no public setter for it.)
+            self.accelerator.step = 0
+            # The saved RNG states belong to other processes: a new stream, the same on every rerun.
             set_seed(self.args.seed + step, device_specific=True)
         if local_sgd.enabled:
             own = path / f"optimizer_rank_{self.accelerator.process_index}.bin"
@@ -1302,6 +1326,10 @@ class Checkpointer:
         guard.skipped_steps = self.state["skipped_steps"]
         logger.info(f"{RECIPE}: resumed from {path} at step {step}")
         return self.state["recipe"]
+
+    def _point_latest_to(self, checkpoint: Path) -> None:
+        (self.root / "latest.partial").write_text(checkpoint.name)
+        os.replace(self.root / "latest.partial", self.root / "latest")  # atomic: latest names a whole checkpoint
 
     @staticmethod
     def _step_of(path: Path) -> int:
@@ -1350,8 +1378,7 @@ class Checkpointer:
                 )
                 shutil.rmtree(final, ignore_errors=True)
                 staging.rename(final)
-                (self.root / "latest.partial").write_text(final.name)
-                os.replace(self.root / "latest.partial", self.root / "latest")  # atomic: latest names a whole one
+                self._point_latest_to(final)
                 complete = sorted((p for p in self.root.glob("step-*") if self._step_of(p) >= 0), key=self._step_of)
                 keep = self.args.checkpoints_total_limit
                 for old in complete[:-keep] if keep else []:
@@ -1442,14 +1469,12 @@ def run_failing_fast(entry) -> None:
             who = "rank " + ", ".join(map(str, lost)) if lost else "another process"
         except Exception:  # the store lives with rank 0's launcher: that node is gone
             who = "rank 0 (the main node)"
-        try:
-            stop(
-                f"rank {rank}: lost contact with {who} ({text.strip().splitlines()[0][:160]}); stopping. Resume with "
-                "--resume_from_checkpoint latest once all nodes are back"
-            )
-        except SystemExit as exit_:
-            sys.stderr.flush()
-            os._exit(exit_.code)  # skip teardown: destroying a process group with a dead peer can hang
+        report_error(
+            f"rank {rank}: lost contact with {who} ({text.strip().splitlines()[0][:160]}); stopping. Resume with "
+            "--resume_from_checkpoint latest once all nodes are back"
+        )
+        sys.stderr.flush()
+        os._exit(FAILED_EXIT_CODE)  # skip teardown: destroying a process group with a dead peer can hang
 
 
 # ----------------------------------------------------------------------------------------------------------- meter

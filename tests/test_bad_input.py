@@ -3,19 +3,25 @@
 The table in docs/errors.md is the specification: each row names a case below and the message it must print, so
 the documentation and the behaviour cannot drift apart. A case builds its input in tmp_path and returns the
 command; the test runs it, then checks the message, the exit status, and that no file under tmp_path was
-created, changed or removed.
+created, changed or removed. Each recipe row runs three ways: the recipe called directly, and through
+`accel-dp run` on 1 and on 2 CPU processes (the path most users take: one line, not one per process, no launcher
+traceback, the recipe's exit status).
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import re
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_DIR, REPO_ROOT, gpt_args, load_recipe, reset_accelerate_state
+from conftest import DATA_DIR, REPO_ROOT, free_port, gpt_args, load_recipe, reset_accelerate_state
 from typer.testing import CliRunner
 
 from accel_dp.cli import app
@@ -55,17 +61,27 @@ def mrpc_folder(tmp: Path, train_rows: str, header: str = MRPC_HEADER) -> Path:
     return folder
 
 
-def checkpoint_of(recipe: str, tmp: Path, token_cache: Path) -> Path:
-    """A real checkpoint: a 2-step run that saves after step 1."""
-    out = tmp / "trained"
+@functools.cache
+def trained_run(recipe: str, token_cache: Path) -> Path:
+    """A real run that saved a checkpoint after step 1 of 2, made once per test session (several rows, run three
+    ways each, start from it)."""
+    out = Path(tempfile.mkdtemp(prefix=f"{recipe}-trained-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    reset_accelerate_state()
     if recipe == "gpt":
-        load_recipe("gpt_pretrain").main(gpt_args(out, token_cache, "--max_train_steps", "2", "--checkpointing_steps",
-                                                  "1", "--sample_tokens", "0"))  # fmt: skip
+        load_recipe("gpt_pretrain").main(gpt_args(out / "run", token_cache, "--max_train_steps", "2",
+                                                  "--checkpointing_steps", "1", "--sample_tokens", "0"))  # fmt: skip
     else:
-        load_recipe("glue_bert").main(glue_small(tmp, "--output_dir", str(out), "--max_train_steps", "2",
+        load_recipe("glue_bert").main(glue_small(out, "--output_dir", str(out / "run"), "--max_train_steps", "2",
                                                  "--checkpointing_steps", "1"))  # fmt: skip
     reset_accelerate_state()
-    return out / "checkpoints" / "step-0000001"
+    return out / "run"
+
+
+def checkpoint_of(recipe: str, tmp: Path, token_cache: Path) -> Path:
+    """A copy, under this test's tmp, of a real run whose checkpoint (after step 1) is returned."""
+    shutil.copytree(trained_run(recipe, token_cache), tmp / "trained")
+    return tmp / "trained" / "checkpoints" / "step-0000001"
 
 
 def gpt(tmp: Path, token_cache: Path, *extra: str) -> tuple[str, list[str]]:
@@ -131,17 +147,19 @@ CASES = {
         t, c, "--resume_from_checkpoint", str(corrupt(checkpoint_of("gpt", t, c))), "--max_train_steps", "2"
     ),
     "gpt-checkpoint-other-global-batch": lambda t, c: gpt(
-        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of("gpt", t, c), layout={"processes": 2})),
+        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of("gpt", t, c), layout={"processes": 3})),
         "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
     ),
     "gpt-checkpoint-local-sgd-other-processes": lambda t, c: gpt(
-        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of("gpt", t, c), layout={"processes": 2,
+        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of("gpt", t, c), layout={"processes": 4,
         "per_device_train_batch_size": 2}, per_process_optimizer=True)), "--max_train_steps", "2",
+        "--global_batch_size", "8",
     ),
     "gpt-checkpoint-older-format": lambda t, c: gpt(
         t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of("gpt", t, c), format=None)),
         "--max_train_steps", "2",
     ),
+    "gpt-memory-cannot-fit": lambda t, c: gpt(t, c, "--per_device_train_batch_size", "10000000"),
     "gpt-checkpointing-steps-not-a-number": lambda t, c: gpt(t, c, "--checkpointing_steps", "often"),
     "gpt-fp16-on-cpu": lambda t, c: gpt(t, c, "--mixed_precision", "fp16"),
     "gpt-local-sgd-with-comm-hook": lambda t, c: gpt(t, c, "--local_sgd_steps", "4", "--ddp_comm_hook", "fp16"),
@@ -165,7 +183,7 @@ CASES = {
         t, "--resume_from_checkpoint", str(corrupt(checkpoint_of("glue", t, c))), "--max_train_steps", "2"
     ),
     "glue-checkpoint-other-global-batch": lambda t, c: glue(
-        t, "--resume_from_checkpoint", str(rewritten(checkpoint_of("glue", t, c), layout={"processes": 2})),
+        t, "--resume_from_checkpoint", str(rewritten(checkpoint_of("glue", t, c), layout={"processes": 3})),
         "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
     ),
     "glue-checkpointing-steps-not-a-number": lambda t, c: glue(t, "--checkpointing_steps", "often"),
@@ -197,9 +215,33 @@ def test_every_documented_error_has_a_case_and_every_case_is_documented():
     assert set(documented_rows()) == set(CASES)
 
 
+def check_one_line_exit_2_and_nothing_written(case: str, code, stderr: str, tmp_path: Path, before: dict) -> None:
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2, stderr
+    assert len(errors) == 1 and documented_rows()[case] in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert snapshot(tmp_path) == before  # nothing created, changed or removed
+
+
+RECIPE_CASES = sorted(case for case in CASES if not case.startswith("cli-"))
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("case", RECIPE_CASES)
+def test_bad_input_through_accel_dp_run_gives_the_same_one_line_and_exit_2(case, processes, tmp_path, token_cache,
+                                                                           capfd):  # fmt: skip
+    program, argv = CASES[case](tmp_path, token_cache)
+    before = snapshot(tmp_path)
+    capfd.readouterr()
+    recipe = program.replace("_", "-")
+    launch = ["run", recipe, "--cpu", "--procs", str(processes), "--main-port", str(free_port())]
+    result = CliRunner().invoke(app, [*launch, "--", *argv])
+    stderr = result.stderr + capfd.readouterr().err  # accel-dp's own, then its processes' (file descriptor 2)
+    check_one_line_exit_2_and_nothing_written(case, result.exit_code, stderr, tmp_path, before)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_gives_one_line_exit_2_and_writes_nothing(case, tmp_path, token_cache, capsys):
-    message = documented_rows()[case]
     program, argv = CASES[case](tmp_path, token_cache)
     before = snapshot(tmp_path)
     capsys.readouterr()
@@ -213,8 +255,4 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(case, tmp_path, toke
     for sock in busy_port.held:
         sock.close()
     busy_port.held.clear()
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert code == 2, stderr
-    assert len(errors) == 1 and message in errors[0], stderr
-    assert "Traceback" not in stderr
-    assert snapshot(tmp_path) == before  # nothing created, changed or removed
+    check_one_line_exit_2_and_nothing_written(case, code, stderr, tmp_path, before)

@@ -111,52 +111,44 @@ def test_errors_are_one_line_with_exit_code_2(no_gpu, args, message):
 def test_run_passes_the_recipe_exit_code_through(monkeypatch, no_gpu):
     seen = {}
 
-    def fake_run(launch):
-        seen["argv"] = launch.argv
+    def fake_run(launch_args, env):
+        seen["args"], seen["env"] = launch_args, env
         return 7
 
-    monkeypatch.setattr("accel_dp.cli.run_launch", fake_run)
+    monkeypatch.setattr("accel_dp.runner.run", fake_run)
     result = runner.invoke(app, ["run", "gpt-pretrain", "--", "--max_train_steps", "1"])
     assert result.exit_code == 7
-    assert seen["argv"][-2:] == ["--max_train_steps", "1"]
+    assert seen["args"][-2:] == ["--max_train_steps", "1"] and seen["env"] == {"ACCELERATE_USE_CPU": "1"}
     assert "running gpt-pretrain on 1 CPU process" in " ".join(result.output.split())
-
-
-def test_run_launch_returns_the_child_exit_code():
-    from accel_dp.launch import Launch, run_launch
-
-    assert run_launch(Launch(argv=[sys.executable, "-c", "import sys; sys.exit(3)"])) == 3
 
 
 RANK_THAT_CHECKPOINTS_ON_SIGTERM = """
 import os, pathlib, signal, sys, time
 out, rank = pathlib.Path(sys.argv[1]), os.environ["RANK"]
-signal.signal(signal.SIGTERM, lambda signum, frame: (time.sleep(2), (out / f"saved-{rank}").write_text(
-    os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]), sys.exit(75)))  # a 2 s checkpoint, then the preempted code
+seconds = 3 if rank == "1" else 0  # rank 1's checkpoint takes 3 s, rank 0's none
+signal.signal(signal.SIGTERM, lambda signum, frame: (time.sleep(seconds), (out / f"saved-{rank}").touch(),
+    sys.exit(75)))  # a checkpoint, then the preempted code
 (out / f"ready-{rank}").touch()
 time.sleep(120)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("caller_grace", [None, "0"])
-def test_accel_dp_run_gives_the_ranks_time_to_checkpoint_after_sigterm(tmp_path, monkeypatch, caller_grace):
-    """Through the real chain (accel-dp's run_launch, accelerate launch, torchrun, 2 ranks): after a forwarded
-    SIGTERM the ranks get SHUTDOWN_GRACE_S to write their checkpoint rather than torchrun's 30 s; a grace the
-    caller sets wins (0: torchrun kills the ranks at once, so nothing is saved)."""
-    from accel_dp.launch import PREEMPTED_EXIT_CODE, SHUTDOWN_GRACE_S
+def test_a_sigterm_to_accel_dp_run_reaches_every_rank_and_it_exits_75_after_the_last(tmp_path):
+    """Through the real chain (accel-dp's runner, accelerate's launcher, torchrun, 2 ranks): every rank gets the
+    SIGTERM at once and writes its checkpoint, the slow one too, and accel-dp exits with their 75 only then."""
+    from accel_dp.runner import PREEMPTED_EXIT_CODE
 
     script = tmp_path / "rank.py"
     script.write_text(RANK_THAT_CHECKPOINTS_ON_SIGTERM)
-    driver = (
-        "import sys; from pathlib import Path; from accel_dp.launch import RunOptions, build_launch, run_launch; "
+    driver = (  # what `accel-dp run` does, for a script that is not a recipe
+        "import sys; from pathlib import Path; from accel_dp.launch import RunOptions, build_launch; "
+        "from accel_dp.runner import run; "
         "options = RunOptions(cpu=True, procs=2, main_port=int(sys.argv[3]), recipe_args=(sys.argv[2],)); "
-        "sys.exit(run_launch(build_launch(Path(sys.argv[1]), options, 0)))"
+        "launch = build_launch(Path(sys.argv[1]), options, 0); sys.exit(run(launch.argv[3:], launch.env))"
     )
-    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
-    env = subprocess_env(**({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": caller_grace} if caller_grace else {}))
     command = [sys.executable, "-c", driver, str(script), str(tmp_path), str(free_port())]
-    process = subprocess.Popen(command, env=env, start_new_session=True)
+    process = subprocess.Popen(command, env=subprocess_env(), start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while not all((tmp_path / f"ready-{rank}").exists() for rank in (0, 1)):
@@ -164,14 +156,10 @@ def test_accel_dp_run_gives_the_ranks_time_to_checkpoint_after_sigterm(tmp_path,
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
+        saved = sorted(p.name for p in tmp_path.glob("saved-*"))  # as accel-dp has exited
     finally:
         kill_process_tree(process.pid)
-    saved = sorted(p.name for p in tmp_path.glob("saved-*"))
-    if caller_grace is None:
-        assert code == PREEMPTED_EXIT_CODE and saved == ["saved-0", "saved-1"]
-        assert (tmp_path / "saved-0").read_text() == str(SHUTDOWN_GRACE_S) and SHUTDOWN_GRACE_S > 30
-    else:
-        assert saved == []  # killed mid-"checkpoint": the caller's grace is the one torchrun used
+    assert code == PREEMPTED_EXIT_CODE and saved == ["saved-0", "saved-1"]
 
 
 def test_console_script_works_from_another_folder(tmp_path: Path):

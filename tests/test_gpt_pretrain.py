@@ -150,7 +150,20 @@ def test_cli_launch_and_torchrun_give_two_processes_and_the_same_result(tmp_path
         tmp_path / "cli", token_cache, "--max_train_steps", "10", "--eval_every", "10", "--sample_tokens", "0"
     )
     cli = subprocess.run(
-        [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--procs", "2", "--", *args],
+        [
+            sys.executable,
+            "-m",
+            "accel_dp.cli",
+            "run",
+            "gpt-pretrain",
+            "--cpu",
+            "--procs",
+            "2",
+            "--main-port",
+            str(free_port()),
+            "--",
+            *args,
+        ],
         env=subprocess_env(),
         capture_output=True,
         text=True,

@@ -30,7 +30,7 @@ def recipe_args(argv: list[str]) -> list[str]:
 
 def test_no_gpu_and_no_flags_runs_one_cpu_process():
     launch = build(gpus_available=0)
-    assert launch.argv[:3] == ["python", "-m", "accelerate.commands.launch"]
+    assert launch.argv[:3] == ["python", "-m", "accel_dp.runner"]  # accelerate's launcher, run by accel-dp
     assert flag(launch.argv, "--config_file") == str(CONFIGS_DIR / "cpu.yaml")
     assert flag(launch.argv, "--num_processes") == "1"
     assert launch.env == {"ACCELERATE_USE_CPU": "1"}
@@ -98,7 +98,7 @@ def test_mixed_precision_goes_to_the_launcher_and_grad_accum_to_the_recipe():
 
 def test_shell_line_shows_the_environment_then_the_command():
     line = build(cpu=True, procs=2).shell_line()
-    assert line.startswith("ACCELERATE_USE_CPU=1 python -m accelerate.commands.launch ")
+    assert line.startswith("ACCELERATE_USE_CPU=1 python -m accel_dp.runner ")
 
 
 @pytest.mark.parametrize(

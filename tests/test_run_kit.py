@@ -7,7 +7,7 @@ import ast
 import run_kit
 from conftest import RECIPES_DIR, load_recipe
 
-from accel_dp import launch
+from accel_dp import runner
 
 
 def test_every_recipe_carries_gpt_pretrains_run_kit_byte_for_byte():
@@ -53,4 +53,5 @@ def test_the_kit_uses_nothing_of_its_recipe_but_the_recipe_name():
 def test_accel_dp_passes_on_the_kits_exit_codes():
     for name in ("gpt_pretrain", "glue_bert"):
         recipe = load_recipe(name)
-        assert launch.PREEMPTED_EXIT_CODE == recipe.PREEMPTED_EXIT_CODE == 75
+        assert runner.PREEMPTED_EXIT_CODE == recipe.PREEMPTED_EXIT_CODE == 75
+        assert runner.ERROR_DIR_VARIABLE == recipe.ERROR_DIR_VARIABLE

@@ -148,8 +148,8 @@ def test_cpu_nodes_export_accelerates_cpu_switch():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["slurm", "gpt-pretrain", "--nodes", "2"], "say how many GPUs each node has with --gpus-per-node"),
-        (["slurm", "gpt-pretrain", "--gpus-per-node", "2", "--cpu"], "contradict each other"),
+        (["slurm", "gpt-pretrain", "--nodes", "2"], "say how many GPUs each node has with --gpus G"),
+        (["slurm", "gpt-pretrain", "--gpus", "2", "--cpu"], "contradict each other"),
         (["slurm", "gpt-pretrain", "--nodes", "0", "--gpus-per-node", "8"], "--nodes must be at least 1"),
         (["slurm", "nope", "--gpus-per-node", "8"], "unknown recipe 'nope'"),
         (["slurm", "gpt-pretrain", "--cpu", "--mixed-precision", "fp16"], "use --mixed-precision bf16"),
@@ -185,6 +185,18 @@ def test_cli_prints_the_script_with_a_default_absolute_output_dir(tmp_path, monk
     assert result.stdout.startswith("#!/bin/bash\n")
     assert "#SBATCH --time=1:00:00" in result.stdout and "#SBATCH --gpus-per-node=4" in result.stdout
     assert f"--model_size gpt2 --output_dir {tmp_path}/runs/gpt-pretrain-" in result.stdout
+
+
+def test_slurm_takes_accel_dp_runs_words_for_gpus_and_processes_per_node(tmp_path, monkeypatch):
+    """One vocabulary across commands: --gpus and --procs, as in `accel-dp run`; the older names still work."""
+    monkeypatch.chdir(tmp_path)
+    common = ["slurm", "gpt-pretrain", "--nodes", "2", "--output-dir", "/scratch/run"]
+    scripts = [
+        runner.invoke(app, [*common, *topology]).stdout for topology in (["--gpus", "4"], ["--gpus-per-node", "4"])
+    ]
+    assert scripts[0] == scripts[1] and "#SBATCH --gpus-per-node=4" in scripts[0]
+    scripts = [runner.invoke(app, [*common, "--cpu", flag, "2"]).stdout for flag in ("--procs", "--procs-per-node")]
+    assert scripts[0] == scripts[1] and "--num_processes 4" in scripts[0]
 
 
 # ------------------------------------------------------------------------------------- running the script
