@@ -265,7 +265,9 @@ def sample_command(
 def slurm_command(
     ctx: typer.Context,
     recipe: str = typer.Argument(..., help="Recipe name (see `accel-dp list`).", autocompletion=complete_recipe),
-    nodes: int = typer.Option(1, "--nodes", help="Number of nodes."),
+    nodes: str = typer.Option(
+        "1", "--nodes", help="Number of nodes, or a range MIN-MAX: a requeued job may then get fewer."
+    ),
     gpus_per_node: int | None = typer.Option(
         None, "--gpus", "--gpus-per-node", help="GPUs (and processes) per node, as in `accel-dp run`."
     ),
@@ -302,15 +304,17 @@ def slurm_command(
     """
     import time
 
-    from .slurm import SlurmJob, build_sbatch_script
+    from .slurm import SlurmJob, build_sbatch_script, parse_nodes
 
     check_mixed_precision(mixed_precision)
     try:
         found = get_recipe(recipe)
         can_resume = found.accepts_flag("--resume_from_checkpoint")
         default_output = Path.cwd() / "runs" / f"{found.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        min_nodes, max_nodes = parse_nodes(nodes)
         job = SlurmJob(
-            nodes=nodes,
+            nodes=min_nodes,
+            max_nodes=max_nodes,
             gpus_per_node=gpus_per_node,
             cpu=cpu,
             procs_per_node=procs_per_node,

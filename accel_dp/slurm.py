@@ -18,9 +18,10 @@ from pathlib import Path
 from .errors import UsageError
 from .launch import Launch, RunOptions, build_launch
 
-# Launcher flags whose value differs per node or per job: the script gives them as shell variables.
+# Launcher flags whose value differs per node or per job: the script gives them as shell variables. The number of
+# machines is the allocation's, read when the job runs: a requeued job may get fewer nodes (--nodes MIN-MAX).
 PER_NODE_VALUES = {"--machine_rank": '"$SLURM_NODEID"', "--main_process_ip": '"$MAIN_ADDR"',
-                   "--main_process_port": '"$MAIN_PORT"'}  # fmt: skip
+                   "--main_process_port": '"$MAIN_PORT"', "--num_machines": '"$SLURM_JOB_NUM_NODES"'}  # fmt: skip
 PLACEHOLDER_ADDRESS = "MAIN_ADDR"  # build_launch needs some address for --nodes > 1; replaced as above
 
 
@@ -29,6 +30,7 @@ class SlurmJob:
     """What sbatch is asked for, and where the run writes."""
 
     nodes: int = 1
+    max_nodes: int | None = None  # --nodes MIN-MAX: Slurm may start (or requeue) the job on fewer than the most
     gpus_per_node: int | None = None  # None with cpu=True
     cpu: bool = False
     procs_per_node: int | None = None  # CPU processes per node, with cpu=True
@@ -73,12 +75,22 @@ def recipe_arguments(
     return (*recipe_args, *extra), True
 
 
-def node_command(launch: Launch) -> str:
-    """The launch as one shell line in which the per-node flags take their values from shell variables."""
+def parse_nodes(text: str) -> tuple[int, int | None]:
+    """`--nodes N` or `--nodes MIN-MAX` (sbatch's own syntax): (N, None) or (MIN, MAX)."""
+    low, _, high = text.partition("-")
+    if not low.isdigit() or (high and not high.isdigit()) or (high and int(high) < int(low)):
+        raise UsageError(f"--nodes must be a number of nodes or a range MIN-MAX, got {text!r}")
+    return int(low), int(high) if high else None
+
+
+def node_command(launch: Launch, per_node: int) -> str:
+    """The launch as one shell line in which the per-node flags take their values from shell variables, and the
+    number of processes is the allocation's nodes x per_node."""
+    values = {**PER_NODE_VALUES, "--num_processes": f'"$((SLURM_JOB_NUM_NODES * {per_node}))"'}
     words, argv = [], launch.argv
     for index, arg in enumerate(argv):
         previous = argv[index - 1] if index else ""
-        words.append(PER_NODE_VALUES[previous] if previous in PER_NODE_VALUES else shlex.quote(arg))
+        words.append(values[previous] if previous in values else shlex.quote(arg))
     return "exec " + " ".join(words)
 
 
@@ -104,12 +116,18 @@ def build_sbatch_script(
     if job.signal_seconds < 1:
         raise UsageError(f"--signal-seconds must be at least 1, got {job.signal_seconds}")
     run = run or RunOptions()
+    pinned = run.grad_accum is not None or has_flag(run.recipe_args, "--gradient_accumulation_steps")
+    if job.max_nodes is not None and pinned:
+        raise UsageError(
+            "with a range of nodes, give the recipe --global_batch_size rather than --grad-accum: on fewer nodes the "
+            "accumulation steps must grow to keep the global batch"
+        )
     args, resumes = recipe_arguments(run.recipe_args, job.output_dir, can_resume)
     options = RunOptions(
         gpus=job.gpus_per_node,
         cpu=job.cpu,
         procs=job.procs_per_node if job.cpu else None,
-        nodes=job.nodes,
+        nodes=job.max_nodes or job.nodes,  # the script fills in the allocation's count
         node_rank=0,
         main_ip=PLACEHOLDER_ADDRESS,
         main_port=job.main_port or 29500,  # the value is replaced by $MAIN_PORT; this only makes the flag appear
@@ -119,16 +137,17 @@ def build_sbatch_script(
         recipe_args=args,
     )
     launch = build_launch(recipe_path, options, gpus_available=job.gpus_per_node or 0, python=python)
-    command = node_command(launch)
     per_node = (job.procs_per_node or 1) if job.cpu else job.gpus_per_node
-    total = per_node * job.nodes
+    command = node_command(launch, per_node)
+    nodes = f"{job.nodes}-{job.max_nodes}" if job.max_nodes else str(job.nodes)
+    total = "" if job.max_nodes else f" = {per_node * job.nodes} processes"
     devices = f"{per_node} CPU process(es)" if job.cpu else f"{per_node} GPU(s)"
     port = str(job.main_port) if job.main_port else "$((20000 + SLURM_JOB_ID % 20000))"
 
     # (option, comment): sbatch reads no comment on a #SBATCH line, so each comment goes on the line above.
     sbatch: list[tuple[str, str]] = [
         (f"--job-name={job.job_name}", ""),
-        (f"--nodes={job.nodes}", ""),
+        (f"--nodes={nodes}", "a range: Slurm may start or requeue the job on fewer nodes" if job.max_nodes else ""),
         ("--ntasks-per-node=1", "one accelerate launcher per node; it starts that node's processes"),
     ]
     if not job.cpu:
@@ -177,7 +196,7 @@ def build_sbatch_script(
     )
     lines = [
         "#!/bin/bash",
-        f"# {recipe_name} on {job.nodes} node(s) x {devices} = {total} processes, data parallel.",
+        f"# {recipe_name} on {nodes} node(s) x {devices}{total}, data parallel.",
         f"# Generated by {generated_by}.",
         "# Submit with: sbatch THIS_FILE. Every node must see the same Python and files:",
         f"#   {python}",

@@ -95,11 +95,13 @@ def test_every_node_runs_build_launchs_command_with_its_own_rank_from_slurm():
                                                recipe_args=("--model_size", "gpt2", "--output_dir", "/scratch/gpt",
                                                             "--resume_from_checkpoint", "latest")),
                             gpus_available=8, python="python").argv  # fmt: skip
+    assert expected[expected.index("--num_processes") + 1] == "16" and "--num_machines" in expected
+    # Each node's own rank, the main node's address and port, and the allocation's size, read when the job runs.
     for flag, variable in (("--machine_rank", "$SLURM_NODEID"), ("--main_process_ip", "$MAIN_ADDR"),
-                           ("--main_process_port", "$MAIN_PORT")):  # fmt: skip
+                           ("--main_process_port", "$MAIN_PORT"), ("--num_machines", "$SLURM_JOB_NUM_NODES"),
+                           ("--num_processes", "$((SLURM_JOB_NUM_NODES * 8))")):  # fmt: skip
         expected[expected.index(flag) + 1] = variable
     assert shlex.split(script.node_command) == ["exec", *expected]
-    assert expected[expected.index("--num_processes") + 1] == "16" and "--num_machines" in expected
     assert expected[expected.index("--config_file") + 1] == str(CONFIGS_DIR / "multi_node.yaml")
     # Single quotes: the batch shell passes $SLURM_NODEID on unexpanded, and each node's shell expands it.
     assert f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(script.node_command)} &" in script.text
@@ -142,7 +144,7 @@ def test_cpu_nodes_export_accelerates_cpu_switch():
     script = build_sbatch_script(RECIPE, "gpt-pretrain", SlurmJob(nodes=3, cpu=True, procs_per_node=2, output_dir="o"))
     assert "export ACCELERATE_USE_CPU=1" in script.text
     assert "--gpus-per-node" not in script.text
-    assert "--num_processes 6 --num_machines 3" in script.node_command
+    assert '--num_processes "$((SLURM_JOB_NUM_NODES * 2))" --num_machines "$SLURM_JOB_NUM_NODES"' in script.node_command
 
 
 @pytest.mark.parametrize(
@@ -151,6 +153,8 @@ def test_cpu_nodes_export_accelerates_cpu_switch():
         (["slurm", "gpt-pretrain", "--nodes", "2"], "say how many GPUs each node has with --gpus G"),
         (["slurm", "gpt-pretrain", "--gpus", "2", "--cpu"], "contradict each other"),
         (["slurm", "gpt-pretrain", "--nodes", "0", "--gpus-per-node", "8"], "--nodes must be at least 1"),
+        (["slurm", "gpt-pretrain", "--nodes", "4-2", "--gpus", "8"], "a range MIN-MAX, got '4-2'"),
+        (["slurm", "gpt-pretrain", "--nodes", "2-4", "--gpus", "8", "--grad-accum", "2"], "--global_batch_size rather"),
         (["slurm", "nope", "--gpus-per-node", "8"], "unknown recipe 'nope'"),
         (["slurm", "gpt-pretrain", "--cpu", "--mixed-precision", "fp16"], "use --mixed-precision bf16"),
         (["slurm", "gpt-pretrain", "--gpus-per-node", "8", "--mixed-precision", "fp32"], "is not one of no, bf16"),
@@ -196,7 +200,7 @@ def test_slurm_takes_accel_dp_runs_words_for_gpus_and_processes_per_node(tmp_pat
     ]
     assert scripts[0] == scripts[1] and "#SBATCH --gpus-per-node=4" in scripts[0]
     scripts = [runner.invoke(app, [*common, "--cpu", flag, "2"]).stdout for flag in ("--procs", "--procs-per-node")]
-    assert scripts[0] == scripts[1] and "--num_processes 4" in scripts[0]
+    assert scripts[0] == scripts[1] and "= 4 processes" in scripts[0]
 
 
 # ------------------------------------------------------------------------------------- running the script
@@ -208,14 +212,16 @@ def fake_slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return subprocess_env(
-        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        FAKE_SLURM_LOG=str(tmp_path / "slurm.log"),
-        SLURM_JOB_ID="4242",
-        SLURM_JOB_NODELIST="node[1-2]",
-        SLURM_JOB_NUM_NODES="2",
-        SLURM_NODEID="0",  # the batch shell runs on node 0: a rank expanded here would be 0 on both nodes
-        OMP_NUM_THREADS="1",
-        **extra,
+        **{
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_SLURM_LOG": str(tmp_path / "slurm.log"),
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "node[1-2]",
+            "SLURM_JOB_NUM_NODES": "2",
+            "SLURM_NODEID": "0",  # the batch shell runs on node 0: a rank expanded here would be 0 on both nodes
+            "OMP_NUM_THREADS": "1",
+            **extra,
+        }
     )
 
 
@@ -251,6 +257,33 @@ def test_generated_script_trains_gpt_on_two_nodes_over_loopback(tmp_path, token_
     assert results["world_size"] == 2 and results["optimizer_steps"] == 4
     assert "main node 127.0.0.1:" in output
     assert "scontrol requeue" not in (tmp_path / "slurm.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_job_requeued_on_fewer_nodes_resumes_with_the_same_global_batch(tmp_path, token_cache):
+    """--nodes 1-2: the script counts its nodes when it runs. Started on 2 nodes, requeued on 1, the job resumes the
+    2-node checkpoint on one process, with twice the accumulation steps, and ends where 2 nodes end."""
+    out = tmp_path / "run"
+    recipe_args = gpt_args(out, token_cache, "--max_train_steps", "6", "--eval_every", "6", "--log_every", "2",
+                           "--checkpointing_steps", "2", "--sample_tokens", "0", "--dropout", "0")  # fmt: skip
+    generated = runner.invoke(app, ["slurm", "gpt-pretrain", "--nodes", "1-2", "--cpu", "--main-port",
+                                    str(free_port()), "--", *recipe_args])  # fmt: skip
+    assert generated.exit_code == 0, generated.output
+    assert "#SBATCH --nodes=1-2" in generated.stdout
+    (tmp_path / "job.sh").write_text(generated.stdout)
+    on_two = finish(start_batch_script(tmp_path / "job.sh", fake_slurm_env(tmp_path)), time.monotonic() + 180)
+    whole = json.loads((out / "all_results.json").read_text())
+    assert whole["world_size"] == 2, on_two[-3000:]
+    (out / "all_results.json").unlink()  # as if the time limit had stopped it after its checkpoint at step 4
+
+    (tmp_path / "requeued").mkdir()
+    env = fake_slurm_env(tmp_path / "requeued", SLURM_JOB_NUM_NODES="1", SLURM_RESTART_COUNT="1")
+    on_one = finish(start_batch_script(tmp_path / "job.sh", env), time.monotonic() + 180)
+    resumed = json.loads((out / "all_results.json").read_text())
+    assert resumed["world_size"] == 1 and resumed["gradient_accumulation_steps"] == 2, on_one[-3000:]
+    assert resumed["global_batch_size"] == whole["global_batch_size"] and resumed["optimizer_steps"] == 6
+    assert resumed["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-5)
+    assert "resuming on 4 per device x 1 process(es) x 2 accumulation" in " ".join(on_one.split())
 
 
 @pytest.mark.slow
