@@ -179,6 +179,34 @@ def run_command(
     raise typer.Exit(run(launch.argv[3:], launch.env))
 
 
+@app.command(
+    "prepare",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def prepare_command(
+    ctx: typer.Context,
+    recipe: str = typer.Argument(..., help="Recipe name (see `accel-dp list`).", autocompletion=complete_recipe),
+) -> None:
+    """Prepare a recipe's data before training: tokenize the corpus into the token cache, once, on every core.
+
+    Arguments after `--` go to the recipe: the data and tokenizer flags of the training run, which then finds the
+    cache and starts at once. Before a job on several machines, run it once where they share the cache folder.
+
+    Example: accel-dp prepare gpt-pretrain -- --train_file corpus.txt --tokenizer bpe:8192
+    """
+    try:
+        found = get_recipe(recipe)
+        if not found.accepts_flag("--prepare_only"):
+            raise UsageError(f"{found.name} has no data to prepare: it tokenizes as it trains")
+        options = RunOptions(cpu=True, recipe_args=(*ctx.args, "--prepare_only"))
+        launch = build_launch(found.path, options, gpus_available=0, cpu_cores=detect_cpu_cores())
+    except UsageError as err:
+        fail(str(err))
+    from .runner import run
+
+    raise typer.Exit(run(launch.argv[3:], launch.env))
+
+
 @app.command("report")
 def report_command(
     run_dirs: list[Path] = typer.Argument(..., help="Run folders: each a recipe's --output_dir with metrics.jsonl."),

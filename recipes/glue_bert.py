@@ -811,11 +811,14 @@ def report_error(message: str) -> None:
 
 
 def exit_with_error(message: str, code: int) -> NoReturn:
-    """Report, then exit with `code` and no traceback. A process that left with its process group alive can abort
-    in gloo's teardown (std::terminate, status 134) as a peer closes its connections: release the group first."""
+    """Report, then exit with `code` and no traceback. With several processes, leave at once (os._exit): one whose
+    process group is torn down while a peer closes its connections can abort in gloo's C++ teardown (std::terminate,
+    status 134) and lose the code, even after destroy_process_group."""
     report_error(message)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     raise SystemExit(code)
 
 
@@ -1619,10 +1622,11 @@ def check_memory(accelerator: Accelerator, need: dict[str, float], what_to_lower
     """Refuse, within seconds of the start, a run whose estimated memory per process (`need`: bytes by what they hold)
     cannot fit: the GPU's free memory on GPU, this machine's available RAM shared by its processes on CPU."""
     if accelerator.device.type == "cuda":
-        free, where = torch.cuda.mem_get_info(accelerator.device)[0], f"the GPU ({accelerator.device})"
+        free, where = torch.cuda.mem_get_info(accelerator.device)[0], "the GPU"
     else:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         free, where = psutil.virtual_memory().available / local, f"this machine's RAM ({local} process(es) share it)"
+    free = min(gather_object([free]))  # every process decides alike, on the tightest
     total = sum(need.values())
     if total > free:
         parts = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in need.items())

@@ -32,8 +32,11 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import NamedTuple, NoReturn
@@ -73,7 +76,6 @@ MODEL_PRESETS = {
 }
 # Resolved next to this file, so it works from the repository and from an installed accel-dp alike.
 BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare" / "input.txt"
-CACHE_FORMAT_VERSION = 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,8 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--dataset_name", help="A Hugging Face dataset (hub name or local folder) instead of files.")
     data.add_argument("--dataset_config_name")
     data.add_argument("--text_column", default="text")
-    data.add_argument("--tokenizer", help="char (default), byte, or a Hugging Face tokenizer name or path.")
+    data.add_argument("--tokenizer", help="char (default), byte, bpe:N (trained here), or a Hugging Face tokenizer.")
     data.add_argument("--cache_dir", help="Where tokenized corpora are cached (default ~/.cache/accel-dp/tokens).")
+    data.add_argument("--prepare_only", action="store_true", help="Tokenize the corpus into the cache, then stop.")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_size", choices=sorted(MODEL_PRESETS), default="nano")
@@ -132,83 +135,118 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data: read the corpus, build or load the tokenizer, tokenize once into a cached token file (like nanoGPT's train.bin),
-# and serve windows of block_size + 1 tokens from a memory map.
+# Data: the corpus is read in pieces and tokenized, piece by piece, into a cached token file (like nanoGPT's train.bin),
+# so that memory stays bounded whatever the corpus' size; training serves windows of block_size + 1 tokens from a
+# memory map. `--prepare_only` (or `accel-dp prepare gpt-pretrain`) builds the cache and stops.
 # ---------------------------------------------------------------------------------------------------------------------
 
+CACHE_FORMAT_VERSION = 2
+PIECE_BYTES = 8 * 2**20  # text read, tokenized and written at a time: it bounds the memory, not the corpus
+EOS = "<|endoftext|>"  # the document separator of a BPE trained here (GPT-2's name for it)
+# A corpus is read as batches of items: a piece of text, or None where a document ends (EOS, if the tokenizer has one).
 
-def read_text_files(paths: list[str]) -> list[str]:
-    texts = []
+
+def file_batches(paths: list[str]) -> Iterator[list[str | None]]:
+    """Each UTF-8 text file in pieces of about PIECE_BYTES, cut at line ends; each file is a document."""
     for path in paths:
-        if not os.path.isfile(path):
-            fail(f"data file not found: {path} (check --train_file / --validation_file)")
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            fail(f"{path} is not UTF-8 text (byte {err.start}): convert it, e.g. `iconv -t UTF-8 {path}`")
-        if not text.strip():
+        offset, rest, seen_text = 0, b"", False
+        with open(path, "rb") as f:
+            while True:
+                read = f.read(PIECE_BYTES)
+                block, final = rest + read, not read
+                if not block:
+                    break
+                cut = len(block) if final else block.rfind(b"\n") + 1
+                if not cut and len(block) < 2 * PIECE_BYTES:  # in a line: read on, and cut at its end
+                    rest = block
+                    continue
+                cut = cut or utf8_end(block)  # a line longer than a piece is cut between two characters
+                try:
+                    piece = block[:cut].decode("utf-8")
+                except UnicodeDecodeError as err:
+                    at = offset + err.start
+                    fail(f"{path} is not UTF-8 text (byte {at}): convert it, e.g. `iconv -t UTF-8 {path}`")
+                seen_text = seen_text or bool(piece.strip())
+                yield [piece]
+                offset, rest = offset + cut, block[cut:]
+                if final:
+                    break
+        if not seen_text:
             fail(f"data file is empty: {path}")
-        texts.append(text)
-    return texts
+        yield [None]
 
 
-def fingerprint(name_or_path: str) -> list:
-    """A hub name as it is; a local file or folder by every file's path, size and modification time, so that
-    editing it makes a new cache entry."""
-    path = Path(name_or_path)
-    if not path.exists():
-        return [name_or_path]
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime] for p in files]
+def utf8_end(block: bytes) -> int:
+    """The end of the last whole character in a block of UTF-8 bytes."""
+    start = len(block)
+    while start and block[start - 1] & 0xC0 == 0x80:  # continuation bytes: back to the last character's lead byte
+        start -= 1
+    if not start or block[start - 1] < 0x80:  # it ends with an ASCII character
+        return len(block)
+    lead = block[start - 1]
+    length = 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+    return len(block) if len(block) - (start - 1) >= length else start - 1
 
 
-def corpus_sources(args) -> dict:
-    """What identifies the corpus in the cache key: files by path, size and modification time; hub data by name."""
-    if args.dataset_name:
-        return {"dataset": [fingerprint(args.dataset_name), args.dataset_config_name, args.text_column]}
-    train_files = args.train_file or [str(BUNDLED_CORPUS)]
-    if not args.train_file and not BUNDLED_CORPUS.is_file():
-        fail(f"no --train_file given and the bundled corpus is not at {BUNDLED_CORPUS}: pass --train_file FILE")
-    described = {}
-    for split, paths in (("train", train_files), ("validation", args.validation_file or [])):
-        for p in paths:
-            if not os.path.isfile(p):
-                fail(f"data file not found: {p} (check --train_file / --validation_file)")
-        described[split] = [[os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)] for p in paths]
-    return described
+def dataset_batches(args, split: str) -> Iterator[list[str | None]]:
+    """A `datasets` split (hub name, or a local folder of text, JSON Lines or Parquet files) streamed in batches of
+    documents: never loaded whole."""
+    from datasets import load_dataset
+
+    for batch in load_dataset(args.dataset_name, args.dataset_config_name, split=split, streaming=True).iter(1024):
+        if args.text_column not in batch:
+            fail(f"dataset has no column {args.text_column!r}; choose one of {sorted(batch)} with --text_column")
+        yield [item for text in batch[args.text_column] if text for item in (text, None)]
 
 
-def load_documents(args) -> tuple[list[str], list[str] | None]:
-    """The train documents and, if the data has them, the validation documents (else None: hold out a tail)."""
-    if args.dataset_name:
-        from datasets import load_dataset
+def corpus(args) -> tuple[Callable, Callable | None]:
+    """The training split and the validation split (None: the tail of the training tokens is held out), each a
+    function that returns a fresh iterator of batches."""
+    if not args.dataset_name:
+        train, validation = args.train_file or [str(BUNDLED_CORPUS)], args.validation_file
+        return (lambda: file_batches(train)), ((lambda: file_batches(validation)) if validation else None)
+    from datasets import get_dataset_split_names
 
-        raw = load_dataset(args.dataset_name, args.dataset_config_name)
-        if "train" not in raw:
-            fail(f"dataset {args.dataset_name} has no 'train' split (it has {list(raw)})")
-        if args.text_column not in raw["train"].column_names:
-            fail(
-                f"dataset has no column {args.text_column!r}; choose one of {raw['train'].column_names} with "
-                "--text_column"
-            )
-        validation = next((raw[s][args.text_column] for s in ("validation", "test") if s in raw), None)
-        return raw["train"][args.text_column], validation
-    validation = read_text_files(args.validation_file) if args.validation_file else None
-    return read_text_files(args.train_file or [str(BUNDLED_CORPUS)]), validation
+    try:
+        splits = get_dataset_split_names(args.dataset_name, args.dataset_config_name)
+    except Exception as e:
+        fail(f"cannot open dataset {args.dataset_name}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+    if "train" not in splits:
+        fail(f"dataset {args.dataset_name} has no 'train' split (it has {splits})")
+    held_out = next((s for s in ("validation", "test") if s in splits), None)
+    return (lambda: dataset_batches(args, "train")), ((lambda: dataset_batches(args, held_out)) if held_out else None)
 
 
-def build_tokenizer(spec: str, documents: list[str]):
-    """`char`: one token per character of the corpus; `byte`: one per UTF-8 byte; else a Hugging Face tokenizer.
+def text_of(batches: Iterator[list[str | None]]) -> Iterator[str]:
+    return (item for batch in batches for item in batch if item)
 
-    char and byte are built as `tokenizers` objects, so they save and load with `from_pretrained` like any other."""
+
+def build_tokenizer(spec: str, text: Callable):
+    """`char`: one token per character of the corpus; `byte`: one per UTF-8 byte; `bpe:N`: a byte-level BPE of N
+    tokens, trained here, offline, on the training text; else a Hugging Face tokenizer by name or path. `text`
+    returns an iterator of the text to learn from. All come back as PreTrainedTokenizerFast: they save and load with
+    `from_pretrained` like any other."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if spec.startswith("bpe:"):
+        size = spec.removeprefix("bpe:")
+        if not size.isdigit() or int(size) <= 256:
+            fail(f"--tokenizer {spec}: give a vocabulary size above the 256 bytes, e.g. bpe:8192")
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        trainer = trainers.BpeTrainer(vocab_size=int(size), special_tokens=[EOS], initial_alphabet=alphabet)
+        tokenizer.train_from_iterator(text(), trainer)
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS)
     if spec not in ("char", "byte"):
         return AutoTokenizer.from_pretrained(spec)
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     every_character = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
     if spec == "char":
-        alphabet = sorted(set().union(*map(set, documents)))
-        tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+        codes = np.zeros(0, dtype=np.uint32)
+        for piece in text():
+            codes = np.union1d(codes, np.unique(np.frombuffer(piece.encode("utf-32-le"), dtype=np.uint32)))
+        tokenizer = Tokenizer(models.BPE(vocab={chr(c): i for i, c in enumerate(codes)}, merges=[]))
         tokenizer.pre_tokenizer = every_character
         tokenizer.decoder = decoders.Fuse()
     else:
@@ -221,66 +259,191 @@ def build_tokenizer(spec: str, documents: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
 
 
-def encode_documents(tokenizer, documents: list[str], dtype) -> np.ndarray:
-    """Tokenize line by line in batches (fast, bounded memory); documents are separated by EOS if there is one."""
-    pieces = []
-    for document in documents:
-        lines = document.splitlines(keepends=True)
-        for start in range(0, len(lines), 20_000):
-            ids = tokenizer(lines[start : start + 20_000], add_special_tokens=False)["input_ids"]
-            pieces.append(np.fromiter((i for line in ids for i in line), dtype=dtype))
-        if tokenizer.eos_token_id is not None and len(documents) > 1:
-            pieces.append(np.array([tokenizer.eos_token_id], dtype=dtype))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+class TokenFile:
+    """Tokens appended to a .bin file, batch by batch. char and byte are applied with numpy, a whole piece at once:
+    their ids are a character's or a byte's rank in the vocabulary, a lookup. Other tokenizers encode line by line
+    in the Rust tokenizer's batch encoding, which runs on every core."""
+
+    def __init__(self, path: Path, tokenizer, kind: str, dtype):
+        self.file, self.tokenizer, self.kind, self.dtype = open(path, "wb"), tokenizer, kind, dtype
+        self.tokens = self.bytes = 0
+        if kind == "char":
+            self.codes = np.array(sorted(ord(c) for c in tokenizer.get_vocab()), dtype=np.uint32)
+        elif kind == "byte":  # each byte's id, read off the tokenizer itself, on text whose bytes cover them all
+            sample = "".join(map(chr, [*range(0x800), *range(0x800, 0xD800, 0x40), *range(0x10000, 0x110000, 0x1000)]))
+            self.table = np.zeros(256, dtype=dtype)
+            self.table[np.frombuffer(sample.encode(), dtype=np.uint8)] = tokenizer(sample)["input_ids"]
+
+    def write(self, batch: list[str | None]) -> None:
+        text = "".join(item for item in batch if item)
+        if self.kind == "char":  # (no end-of-document token)
+            ids = np.searchsorted(self.codes, np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32))
+        elif self.kind == "byte":
+            ids = self.table[np.frombuffer(text.encode(), dtype=np.uint8)]
+        else:
+            lines = [line for item in batch for line in (item.splitlines(True) if item else [None])]
+            encodings = iter(self.tokenizer.backend_tokenizer.encode_batch_fast([x for x in lines if x is not None],
+                                                                                add_special_tokens=False))  # fmt: skip
+            eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+            ids = np.fromiter(itertools.chain.from_iterable(eos if x is None else next(encodings).ids for x in lines),
+                              dtype=self.dtype)  # fmt: skip
+        self.file.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.tokens, self.bytes = self.tokens + len(ids), self.bytes + len(text.encode())
+
+
+def token_cache_key(args) -> tuple[str, dict]:
+    """What a cache entry depends on: the corpus (files by path, size and modification time; datasets by name), the
+    tokenizer, and the held-out fraction. A change to any of them makes a new entry."""
+    spec = args.tokenizer or args.model_name_or_path or "char"
+    if args.dataset_name:
+        data = {"dataset": [fingerprint(args.dataset_name), args.dataset_config_name, args.text_column]}
+    else:
+        if not args.train_file and not BUNDLED_CORPUS.is_file():
+            fail(f"no --train_file given and the bundled corpus is not at {BUNDLED_CORPUS}: pass --train_file FILE")
+        data = {}
+        for split, paths in (("train", args.train_file or [str(BUNDLED_CORPUS)]), ("validation", args.validation_file)):
+            for path in paths or []:
+                if not os.path.isfile(path):
+                    fail(f"data file not found: {path} (check --train_file / --validation_file)")
+            data[split] = [[os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)] for p in paths or []]
+    source = {
+        "v": CACHE_FORMAT_VERSION,
+        "tokenizer": spec if spec in ("char", "byte") or spec.startswith("bpe:") else fingerprint(spec),
+        "data": data,
+        "validation_split_fraction": None if args.validation_file else args.validation_split_fraction,
+    }
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16], source
+
+
+def fingerprint(name_or_path: str) -> list:
+    """A hub name as it is; a local file or folder by every file's path, size and modification time."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return [name_or_path]
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime] for p in files]
 
 
 def prepare_token_cache(args, accelerator) -> tuple[Path, dict]:
-    """Tokenize the corpus once into <cache>/<key>/{train,val}.bin plus the tokenizer; later runs reuse it.
+    """Tokenize the corpus once into <cache>/<key>/{train,val}.bin plus the tokenizer; later runs reuse the entry.
 
-    The key covers the corpus and the tokenizer, so a change to either makes a new entry. The entry is built in
-    a temporary folder and renamed into place, so an interrupted build never leaves a half-written cache."""
-    tokenizer_spec = args.tokenizer or (args.model_name_or_path if args.model_name_or_path else "char")
-    key_source = {
-        "v": CACHE_FORMAT_VERSION,
-        "tokenizer": fingerprint(tokenizer_spec) if tokenizer_spec not in ("char", "byte") else tokenizer_spec,
-        "data": corpus_sources(args),
-        "validation_split_fraction": args.validation_split_fraction if not args.validation_file else None,
-    }
-    key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:16]
-    cache_root = Path(args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "accel-dp", "tokens"))
-    entry = cache_root / key
-
-    # One process per machine tokenizes; the others wait and then read its files.
-    with accelerator.local_main_process_first():
-        if not (entry / "meta.json").is_file():
-            train_docs, val_docs = load_documents(args)
-            tokenizer = build_tokenizer(tokenizer_spec, list(train_docs) + list(val_docs or []))
-            dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
-            train_ids = encode_documents(tokenizer, train_docs, dtype)
-            if val_docs is not None:
-                val_ids = encode_documents(tokenizer, val_docs, dtype)
-            else:  # nanoGPT's split: the last fraction of the token stream is held out
-                split = int(len(train_ids) * (1 - args.validation_split_fraction))
-                train_ids, val_ids = train_ids[:split], train_ids[split:]
-            staging = cache_root / f"{key}.tmp-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            train_ids.tofile(staging / "train.bin")
-            val_ids.tofile(staging / "val.bin")
-            tokenizer.save_pretrained(staging / "tokenizer")
-            meta = {
-                "dtype": np.dtype(dtype).name,
-                "train_tokens": len(train_ids),
-                "val_tokens": len(val_ids),
-                "vocab_size": len(tokenizer),
-                "source": key_source,
-            }
-            (staging / "meta.json").write_text(json.dumps(meta, indent=1))
-            try:
-                staging.rename(entry)
-            except OSError:  # another machine sharing this file system won the race: use its entry
-                shutil.rmtree(staging, ignore_errors=True)
+    One process per machine (the local main) builds it, in a folder of its own renamed into place when whole: an
+    interrupted build never leaves a half-written entry. A lock file keeps machines sharing the file system from
+    building it twice; machines that do not share one each build their own. The other processes wait for the
+    finished entry on the file system, with progress in the log, not in a collective that a large corpus would
+    time out."""
+    key, source = token_cache_key(args)
+    root = Path(args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "accel-dp", "tokens"))
+    entry, started, next_note = root / key, time.time(), time.time() + 30
+    while not (entry / "meta.json").is_file():
+        if accelerator.is_local_main_process and claim(root / f"{key}.lock"):
+            build_token_cache(args, source, root, key)
+            continue
+        failed = root / f"{key}.failed"
+        if failed.is_file() and failed.stat().st_mtime >= started:  # the builder has said why; leave as it did
+            raise SystemExit(int(failed.read_text() or FAILED_EXIT_CODE))
+        if time.time() > next_note:
+            written = sum(p.stat().st_size for p in root.glob(f"{key}.tmp-*/*.bin"))
+            logger.info(f"{RECIPE}: waiting for the token cache {entry}: {written / 2**20:,.0f} MiB written so far")
+            next_note += 30
+        time.sleep(0.5)
     return entry, json.loads((entry / "meta.json").read_text())
+
+
+def claim(lock: Path) -> bool:
+    """Take a cache entry's lock file: a new one, or one left by a builder that is gone: a process of this machine
+    that no longer runs, or one of another machine that has not beaten (touched it) for a minute."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        host, pid = lock.read_text().split(":")
+        gone = (
+            not psutil.pid_exists(int(pid)) if host == socket.gethostname() else time.time() - lock.stat().st_mtime > 60
+        )
+    except (OSError, ValueError):  # no lock, or one being written (a second later, it is whole)
+        gone = lock.exists() and time.time() - lock.stat().st_mtime > 60
+    if gone:
+        lock.unlink(missing_ok=True)
+        for staging in lock.parent.glob(f"{lock.stem}.tmp-*"):  # what the builder that is gone left half-written
+            shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with lock.open("x") as f:
+            f.write(f"{socket.gethostname()}:{os.getpid()}")
+    except FileExistsError:
+        return False
+    return True
+
+
+def build_token_cache(args, source: dict, root: Path, key: str) -> None:
+    """Tokenize into a staging folder and rename it into place, touching the lock file every 10 s as a heartbeat."""
+    lock, staging = root / f"{key}.lock", root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
+    (root / f"{key}.failed").unlink(missing_ok=True)
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(10):
+            lock.touch()
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        meta = tokenize_corpus(args, staging)
+        (staging / "meta.json").write_text(json.dumps({**meta, "source": source}, indent=1))
+        try:
+            staging.rename(root / key)
+        except OSError:  # another machine sharing this file system finished first: use its entry
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as error:  # bad data, or a kill: no half-written entry; the waiting processes learn why
+        shutil.rmtree(staging, ignore_errors=True)
+        code = error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else FAILED_EXIT_CODE
+        (root / f"{key}.failed").write_text(str(code))
+        raise
+    finally:
+        done.set()
+        lock.unlink(missing_ok=True)
+
+
+def tokenize_corpus(args, folder: Path) -> dict:
+    """The tokenizer into folder/tokenizer, and the corpus into folder/train.bin and val.bin, a batch at a time."""
+    train, validation = corpus(args)
+    spec = args.tokenizer or args.model_name_or_path or "char"
+    splits = (train, validation) if spec == "char" else (train,)  # char's vocabulary: all the corpus' characters
+    tokenizer = build_tokenizer(spec, lambda: itertools.chain.from_iterable(text_of(s()) for s in splits if s))
+    tokenizer.save_pretrained(folder / "tokenizer")
+    dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
+    marks = {}  # (tokens, text bytes) after each batch: where a token boundary falls in the text
+    for name, batches in (("train", train), ("val", validation)):
+        if batches is None:
+            continue
+        tokens, marks[name] = TokenFile(folder / f"{name}.bin", tokenizer, spec, dtype), [(0, 0)]
+        with tqdm(desc=f"tokenizing {name}", unit="B", unit_scale=True, mininterval=2.0) as progress:
+            for batch in batches():
+                tokens.write(batch)
+                progress.update(tokens.bytes - marks[name][-1][1])
+                marks[name].append((tokens.tokens, tokens.bytes))
+        tokens.file.close()
+    if validation is None:  # nanoGPT's split: the last fraction of the token stream is held out
+        total, total_bytes = marks["train"][-1]
+        split = int(total * (1 - args.validation_split_fraction))
+        move_tail(folder / "train.bin", folder / "val.bin", split * np.dtype(dtype).itemsize)
+        split_bytes = round(float(np.interp(split, *zip(*marks["train"], strict=True))))
+        marks = {"train": [(split, split_bytes)], "val": [(total - split, total_bytes - split_bytes)]}
+    return {
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": marks["train"][-1][0],
+        "val_tokens": marks["val"][-1][0],
+        "val_bytes": marks["val"][-1][1],  # the text the validation tokens stand for: for bits per byte
+        "vocab_size": len(tokenizer),
+    }
+
+
+def move_tail(source: Path, target: Path, offset: int) -> None:
+    """Move the bytes of `source` from `offset` on into `target`, a block at a time, and cut them off `source`."""
+    with open(source, "rb") as f, open(target, "wb") as out:
+        f.seek(offset)
+        while block := f.read(PIECE_BYTES):
+            out.write(block)
+    os.truncate(source, offset)
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -504,6 +667,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ------------------------------------------------------------------------------------------------------- data
     cache_entry, meta = prepare_token_cache(args, accelerator)
+    if args.prepare_only:
+        tokens = f"{meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens"
+        logger.info(f"{RECIPE}: prepared {tokens} in {cache_entry}")
+        return {"token_cache": str(cache_entry), **{k: v for k, v in meta.items() if k != "source"}}
     tokenizer = AutoTokenizer.from_pretrained(cache_entry / "tokenizer")
     train_tokens = np.memmap(cache_entry / "train.bin", dtype=meta["dtype"], mode="r")
     val_tokens = np.memmap(cache_entry / "val.bin", dtype=meta["dtype"], mode="r")
@@ -573,7 +740,10 @@ def main(argv: list[str] | None = None) -> dict:
                 with meter.paused("eval"):
                     local_sgd.average()  # one model to evaluate: the replicas' mean
                     eval_loss = evaluate(accelerator, model, val_loader)
-                log({"step": step, "eval_loss": eval_loss}, f"step {step:>6} | val loss {eval_loss:.4f}")
+                # Bits per byte of validation text: comparable across tokenizers (a token is 1 byte or several).
+                bits_per_byte = eval_loss * meta["val_tokens"] / meta["val_bytes"] / math.log(2)
+                log({"step": step, "eval_loss": eval_loss, "eval_bits_per_byte": bits_per_byte},
+                    f"step {step:>6} | val loss {eval_loss:.4f} ({bits_per_byte:.4f} bits per byte)")  # fmt: skip
             if step == args.max_train_steps:
                 break  # the end of training saves the model itself (a signal now lets it finish)
             checkpointer.save(step)  # every --checkpointing_steps
@@ -596,6 +766,7 @@ def main(argv: list[str] | None = None) -> dict:
         **summary,
         "train_loss": meter.last_loss,  # the last log step's: the mean over the steps since the one before
         "eval_loss": eval_loss,
+        "eval_bits_per_byte": eval_loss * meta["val_tokens"] / meta["val_bytes"] / math.log(2),
         "mixed_precision": accelerator.mixed_precision,
         "ddp_comm_hook": args.ddp_comm_hook,
         "local_sgd_steps": args.local_sgd_steps,
@@ -657,11 +828,14 @@ def report_error(message: str) -> None:
 
 
 def exit_with_error(message: str, code: int) -> NoReturn:
-    """Report, then exit with `code` and no traceback. A process that left with its process group alive can abort
-    in gloo's teardown (std::terminate, status 134) as a peer closes its connections: release the group first."""
+    """Report, then exit with `code` and no traceback. With several processes, leave at once (os._exit): one whose
+    process group is torn down while a peer closes its connections can abort in gloo's C++ teardown (std::terminate,
+    status 134) and lose the code, even after destroy_process_group."""
     report_error(message)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     raise SystemExit(code)
 
 
@@ -1465,10 +1639,11 @@ def check_memory(accelerator: Accelerator, need: dict[str, float], what_to_lower
     """Refuse, within seconds of the start, a run whose estimated memory per process (`need`: bytes by what they hold)
     cannot fit: the GPU's free memory on GPU, this machine's available RAM shared by its processes on CPU."""
     if accelerator.device.type == "cuda":
-        free, where = torch.cuda.mem_get_info(accelerator.device)[0], f"the GPU ({accelerator.device})"
+        free, where = torch.cuda.mem_get_info(accelerator.device)[0], "the GPU"
     else:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         free, where = psutil.virtual_memory().available / local, f"this machine's RAM ({local} process(es) share it)"
+    free = min(gather_object([free]))  # every process decides alike, on the tightest
     total = sum(need.values())
     if total > free:
         parts = ", ".join(f"{name} {size / 2**30:.1f}" for name, size in need.items())

@@ -29,7 +29,7 @@ record_dir, recipe_name, recipe_args = sys.argv[1], sys.argv[2], sys.argv[3:]
 allreduce = {"calls": 0, "rounds": 0}
 allreduce_bytes = {"gradients": 0, "parameters": 0, "other": 0}
 comm_hook = {"name": None}
-local_sgd = {"steps": 0, "parameters": None}
+local_sgd = {"steps": 0, "parameters": None, "averaged": None}
 original_prepare, original_end_training = accelerate.Accelerator.prepare, accelerate.Accelerator.end_training
 original_all_reduce = torch.distributed.all_reduce
 
@@ -57,6 +57,8 @@ def local_sgd_step_and_keep(self, step):
     original_local_sgd_step(self, step)
     local_sgd["steps"] += 1
     local_sgd["parameters"] = torch.cat([p.detach().flatten().float() for p in self.model.parameters()])
+    if self.enabled and step % self.every == 0:  # this step averaged
+        local_sgd["averaged"] = local_sgd["parameters"]
 
 
 def counting_allreduce(process_group, bucket):
@@ -90,6 +92,7 @@ def record_then_finish(self):
         "allreduce_bytes": dict(allreduce_bytes),
         "local_sgd_steps": local_sgd["steps"],
         "parameters_after_last_local_sgd_step": local_sgd["parameters"],
+        "parameters_after_last_average": local_sgd["averaged"],
     }
     torch.save(record, os.path.join(record_dir, f"rank{self.process_index}.pt"))
     original_end_training(self)

@@ -62,25 +62,21 @@ def mrpc_folder(tmp: Path, train_rows: str, header: str = MRPC_HEADER) -> Path:
 
 
 @functools.cache
-def trained_run(recipe: str, token_cache: Path) -> Path:
-    """A real run that saved a checkpoint after step 1 of 2, made once per test session (several rows, run three
-    ways each, start from it)."""
-    out = Path(tempfile.mkdtemp(prefix=f"{recipe}-trained-"))
+def trained_run(token_cache: Path) -> Path:
+    """A real gpt-pretrain run that saved a checkpoint after step 1 of 2, made once per test session (several rows,
+    run three ways each, start from it)."""
+    out = Path(tempfile.mkdtemp(prefix="gpt-trained-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     reset_accelerate_state()
-    if recipe == "gpt":
-        load_recipe("gpt_pretrain").main(gpt_args(out / "run", token_cache, "--max_train_steps", "2",
-                                                  "--checkpointing_steps", "1", "--sample_tokens", "0"))  # fmt: skip
-    else:
-        load_recipe("glue_bert").main(glue_small(out, "--output_dir", str(out / "run"), "--max_train_steps", "2",
-                                                 "--checkpointing_steps", "1"))  # fmt: skip
+    load_recipe("gpt_pretrain").main(gpt_args(out / "run", token_cache, "--max_train_steps", "2",
+                                              "--checkpointing_steps", "1", "--sample_tokens", "0"))  # fmt: skip
     reset_accelerate_state()
     return out / "run"
 
 
-def checkpoint_of(recipe: str, tmp: Path, token_cache: Path) -> Path:
+def checkpoint_of(tmp: Path, token_cache: Path) -> Path:
     """A copy, under this test's tmp, of a real run whose checkpoint (after step 1) is returned."""
-    shutil.copytree(trained_run(recipe, token_cache), tmp / "trained")
+    shutil.copytree(trained_run(token_cache), tmp / "trained")
     return tmp / "trained" / "checkpoints" / "step-0000001"
 
 
@@ -133,38 +129,40 @@ CASES = {
         (t / "latin1.txt").write_bytes("café au lait\n".encode("latin-1") * 200),
         gpt(t, c, "--train_file", str(t / "latin1.txt")),
     )[1],
+    "gpt-dataset-missing-column": lambda t, c: (
+        (t / "jsonl").mkdir(), (t / "jsonl" / "train.jsonl").write_text('{"content": "To be, or not to be"}\n' * 50),
+        gpt(t, c, "--dataset_name", str(t / "jsonl")))[2],
     "gpt-block-size-beyond-positions": lambda t, c: ("gpt_pretrain", [  # a saved model with 32 positions
-        "--model_name_or_path", str(checkpoint_of("gpt", t, c).parents[1]), "--block_size", "64",
+        "--model_name_or_path", str(checkpoint_of(t, c).parents[1]), "--block_size", "64",
         "--cache_dir", str(c), "--output_dir", str(t / "out")]),
-    "gpt-batch-size-zero": lambda t, c: gpt(t, c, "--per_device_train_batch_size", "0"),
-    "gpt-batch-size-negative": lambda t, c: gpt(t, c, "--per_device_train_batch_size", "-3"),
-    "gpt-output-dir-is-file": lambda t, c: (
+    "kit-batch-size-zero": lambda t, c: gpt(t, c, "--per_device_train_batch_size", "0"),
+    "kit-output-dir-is-file": lambda t, c: (
         (t / "file").write_text("x"), gpt(t, c, "--output_dir", str(t / "file")))[1],
-    "gpt-resume-missing": lambda t, c: gpt(t, c, "--resume_from_checkpoint", str(t / "nope")),
-    "gpt-resume-not-a-checkpoint": lambda t, c: (
+    "kit-resume-missing": lambda t, c: gpt(t, c, "--resume_from_checkpoint", str(t / "nope")),
+    "kit-resume-not-a-checkpoint": lambda t, c: (
         (t / "d").mkdir(), gpt(t, c, "--resume_from_checkpoint", str(t / "d")))[1],
-    "gpt-corrupted-checkpoint": lambda t, c: gpt(
-        t, c, "--resume_from_checkpoint", str(corrupt(checkpoint_of("gpt", t, c))), "--max_train_steps", "2"
+    "kit-corrupted-checkpoint": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(corrupt(checkpoint_of(t, c))), "--max_train_steps", "2"
     ),
-    "gpt-checkpoint-other-global-batch": lambda t, c: gpt(
-        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of("gpt", t, c), layout={"processes": 3})),
+    "kit-checkpoint-other-global-batch": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of(t, c), layout={"processes": 3})),
         "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
     ),
-    "gpt-checkpoint-local-sgd-other-processes": lambda t, c: gpt(
-        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of("gpt", t, c), layout={"processes": 4,
+    "kit-checkpoint-local-sgd-other-processes": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of(t, c), layout={"processes": 4,
         "per_device_train_batch_size": 2}, per_process_optimizer=True)), "--max_train_steps", "2",
         "--global_batch_size", "8",
     ),
-    "gpt-checkpoint-older-format": lambda t, c: gpt(
-        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of("gpt", t, c), format=None)),
+    "kit-checkpoint-older-format": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of(t, c), format=None)),
         "--max_train_steps", "2",
     ),
     "gpt-memory-cannot-fit": lambda t, c: gpt(t, c, "--per_device_train_batch_size", "10000000"),
-    "gpt-checkpointing-steps-not-a-number": lambda t, c: gpt(t, c, "--checkpointing_steps", "often"),
-    "gpt-fp16-on-cpu": lambda t, c: gpt(t, c, "--mixed_precision", "fp16"),
-    "gpt-local-sgd-with-comm-hook": lambda t, c: gpt(t, c, "--local_sgd_steps", "4", "--ddp_comm_hook", "fp16"),
-    "gpt-powersgd-option-without-powersgd": lambda t, c: gpt(t, c, "--powersgd_rank", "2"),
-    "gpt-powersgd-start-below-2": lambda t, c: gpt(t, c, "--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "1"),
+    "kit-checkpointing-steps-not-a-number": lambda t, c: gpt(t, c, "--checkpointing_steps", "often"),
+    "kit-fp16-on-cpu": lambda t, c: gpt(t, c, "--mixed_precision", "fp16"),
+    "kit-local-sgd-with-comm-hook": lambda t, c: gpt(t, c, "--local_sgd_steps", "4", "--ddp_comm_hook", "fp16"),
+    "kit-powersgd-option-without-powersgd": lambda t, c: gpt(t, c, "--powersgd_rank", "2"),
+    "kit-powersgd-start-below-2": lambda t, c: gpt(t, c, "--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "1"),
     # glue-bert
     "glue-unknown-task": lambda t, c: glue(t, "--task", "squad"),
     "glue-missing-data-file": lambda t, c: glue(
@@ -173,22 +171,7 @@ CASES = {
     "glue-tsv-wrong-columns": lambda t, c: glue(
         t, "--data_dir", str(mrpc_folder(t, "1\ta\tb\n", header="label\tx\ty\n"))),
     "glue-label-out-of-range": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "7\t1\t2\tA man.\tA guy.\n"))),
-    "glue-batch-size-zero": lambda t, c: glue(t, "--per_device_train_batch_size", "0"),
-    "glue-batch-size-negative": lambda t, c: glue(t, "--per_device_train_batch_size", "-3"),
-    "glue-output-dir-is-file": lambda t, c: ((t / "file").write_text("x"), glue(t, "--output_dir", str(t / "file")))[1],
-    "glue-resume-missing": lambda t, c: glue(t, "--resume_from_checkpoint", str(t / "nope")),
-    "glue-resume-not-a-checkpoint": lambda t, c: (
-        (t / "d").mkdir(), glue(t, "--resume_from_checkpoint", str(t / "d")))[1],
-    "glue-corrupted-checkpoint": lambda t, c: glue(
-        t, "--resume_from_checkpoint", str(corrupt(checkpoint_of("glue", t, c))), "--max_train_steps", "2"
-    ),
-    "glue-checkpoint-other-global-batch": lambda t, c: glue(
-        t, "--resume_from_checkpoint", str(rewritten(checkpoint_of("glue", t, c), layout={"processes": 3})),
-        "--max_train_steps", "2", "--gradient_accumulation_steps", "1",
-    ),
     "glue-checkpointing-steps-not-a-number": lambda t, c: glue(t, "--checkpointing_steps", "often"),
-    "glue-fp16-on-cpu": lambda t, c: glue(t, "--mixed_precision", "fp16"),
-    "glue-local-sgd-with-comm-hook": lambda t, c: glue(t, "--local_sgd_steps", "4", "--ddp_comm_hook", "powersgd"),
     # accel-dp run
     "cli-unknown-recipe": lambda t, c: cli("run", "bert-pretrain", "--cpu"),
     "cli-missing-config": lambda t, c: cli("run", "gpt-pretrain", "--config", str(t / "nope.yaml")),

@@ -18,7 +18,7 @@ COMMANDS = sorted(typer.main.get_command(app).commands)
 
 
 def test_all_commands_are_registered():
-    assert {"list", "configs", "copy", "run", "report", "env", "sample", "slurm"} <= set(COMMANDS)
+    assert {"list", "configs", "copy", "run", "prepare", "report", "env", "sample", "slurm"} <= set(COMMANDS)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

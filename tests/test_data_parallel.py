@@ -112,11 +112,11 @@ def test_gpt_global_batch_size_that_does_not_divide_is_refused(tmp_path, token_c
 
 
 def glue_args(output_dir: Path, *extra: str, task: str = "mrpc") -> list[str]:
-    """37 pairs: batches of 8 leave a last step of 5 examples, so uneven batches are always exercised. The tiny BERT:
-    what is compared is the arithmetic of data parallelism, not the model.
+    """37 pairs: batches of 8 leave a last step of 5 examples, so uneven batches are always exercised, in training and
+    in evaluation. The tiny BERT: what is compared is the arithmetic of data parallelism, not the model.
     A constant learning rate keeps that last step's update as large as the others."""
     return [
-        "--task", task, "--model_name_or_path", tiny_bert(), "--max_train_samples", "37", "--max_eval_samples", "8",
+        "--task", task, "--model_name_or_path", tiny_bert(), "--max_train_samples", "37", "--max_eval_samples", "37",
         "--max_length", "32",
         "--num_train_epochs", "1", "--dropout", "0", "--mixed_precision", "no", "--log_every", "1",
         "--lr_scheduler_type", "constant_with_warmup", "--num_warmup_steps", "1", "--learning_rate", "1e-4",
@@ -149,7 +149,11 @@ def test_glue_two_processes_one_big_batch_and_accumulation_agree_with_an_uneven_
     for name in ("accum", "ddp"):
         assert [s for s, _, _ in curves[name]] == [1, 2, 3, 4, 5]
         assert [loss for _, loss, _ in curves[name]] == pytest.approx([loss for _, loss, _ in curves["big"]], abs=1e-5)
-        assert [lr for _, _, lr in curves[name]] == [lr for _, _, lr in curves["big"]]
+        assert [lr for _, _, lr in curves[name]] == [lr for _, _, lr in curves["big"]]  # once per optimizer step
+        # Exactly the 37 validation examples, in order, though 2 processes split them unevenly (no repeats counted).
+        predictions = (tmp_path / name / "eval_predictions.tsv").read_text().splitlines()
+        assert predictions == (tmp_path / "big" / "eval_predictions.tsv").read_text().splitlines()
+        assert len(predictions) == 1 + 37
 
 
 def test_glue_accumulation_all_reduces_only_at_optimizer_steps(tmp_path):

@@ -57,16 +57,20 @@ def assert_same_run(resumed: Path, whole: Path) -> None:
 
 
 @pytest.mark.slow
-def test_gpt_checkpoint_of_two_processes_resumes_on_one_and_one_on_two(tmp_path, token_cache):
+def test_gpt_checkpoint_of_two_processes_resumes_on_one_and_one_on_two(tmp_path, token_cache, capsys):
     two = tmp_path / "two"
     run("gpt-pretrain", 2, gpt(two, token_cache))  # the reference, uninterrupted; it also checkpoints at step 10
     checkpoint_of_two = two / "checkpoints" / f"step-{CHECKPOINT:07d}"
 
-    # Fewer processes: 2 -> 1, with 2 accumulation steps for the same global batch.
+    # Fewer processes: 2 -> 1, with 2 accumulation steps for the same global batch (the recipe run directly).
     fewer = tmp_path / "fewer"
-    output = run("gpt-pretrain", 1, gpt(fewer, token_cache, "--resume_from_checkpoint", str(checkpoint_of_two)))
+    reset_accelerate_state()
+    capsys.readouterr()
+    load_recipe("gpt_pretrain").main(gpt(fewer, token_cache, "--resume_from_checkpoint", str(checkpoint_of_two)))
+    reset_accelerate_state()
+    output = " ".join(capsys.readouterr().out.split())
     assert "written by 4 per device x 2 process(es) x 1 accumulation; resuming on 4 per device x 1 process(es) x 2" in (
-        " ".join(output.split())
+        output
     )
     assert_same_run(fewer, two)
 

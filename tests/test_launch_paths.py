@@ -205,6 +205,7 @@ accelerator = types.SimpleNamespace(distributed_type=types.SimpleNamespace(name=
 torch.manual_seed(rank)  # different draws on each rank: one may end early at EOS, the other must not wait alone
 sample = recipe.generate_sample(accelerator, model, tokenizer, "ab", 12, 32)
 open(sys.argv[2] + f"/rank{rank}", "w").write(sample)
+dist.barrier()  # both done before either tears its process group down
 dist.destroy_process_group()
 """
 
