@@ -31,3 +31,4 @@ bench:
 	$(TEST_ENV) $(PYTHON) benchmarks/overhead.py
 	$(TEST_ENV) $(PYTHON) benchmarks/dp_efficiency.py
 	$(TEST_ENV) $(PYTHON) benchmarks/glue_padding.py
+	$(PYTHON) benchmarks/prepare_corpus.py

@@ -408,6 +408,7 @@ def load_model(args, task: str):
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path,
             config=config,
+            dtype=torch.float32,  # fp32 master weights, whatever the checkpoint holds: --mixed_precision casts
             ignore_mismatched_sizes=args.ignore_mismatched_sizes,
             trust_remote_code=args.trust_remote_code,
         )

@@ -496,8 +496,10 @@ def build_model(args, tokenizer) -> tuple[torch.nn.Module, int]:
     """A fresh GPT-2 of the preset shape (flags override it), or a saved causal LM to go on training; and the context
     length it trains on."""
     if args.model_name_or_path:
+        # fp32 master weights, whatever the checkpoint holds (transformers keeps a bf16 one in bf16 by default, which
+        # fp16's loss scaler cannot unscale, and in which AdamW's small updates round away): --mixed_precision casts.
         model = AutoModelForCausalLM.from_pretrained(
-            args.model_name_or_path, attn_implementation=args.attn_implementation
+            args.model_name_or_path, attn_implementation=args.attn_implementation, dtype=torch.float32
         )
         max_positions = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
         block_size = args.block_size or max_positions

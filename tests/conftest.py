@@ -169,6 +169,18 @@ def tiny_gpt_run(tmp_path_factory, token_cache) -> Path:
     return output_dir
 
 
+def accel_dp_run(recipe: str, processes: int, args: list[str]) -> int:
+    """`accel-dp run RECIPE --cpu --procs N -- ARGS` run in this process (its processes' output is the test's): the
+    launch users take, without the start-up of one more Python process. Returns its exit status."""
+    from accel_dp.launch import RunOptions, build_launch
+    from accel_dp.recipes import get_recipe
+    from accel_dp.runner import run
+
+    options = RunOptions(cpu=True, procs=processes, main_port=free_port(), recipe_args=tuple(args))
+    launch = build_launch(get_recipe(recipe).path, options, gpus_available=0)
+    return run(launch.argv[3:], launch.env)
+
+
 def kill_process_tree(pid: int, sig: int | None = None) -> None:
     """SIGKILL (or `sig`) a process and every descendant at once, as a machine that dies would. (torch's launcher starts
     each

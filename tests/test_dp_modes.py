@@ -155,7 +155,7 @@ def test_fsdp_config_on_cpu_is_refused_by_the_recipe(tmp_path, token_cache):
     out, recipe = tmp_path / "run", "gpt_pretrain"
     args = fp32_gpt_args(out, token_cache)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS_DIR / "fsdp.yaml"),
-               "--num_processes", "2", "--main_process_port", str(free_port()), str(RECIPES_DIR / f"{recipe}.py"),
+               "--num_processes", "1", "--main_process_port", str(free_port()), str(RECIPES_DIR / f"{recipe}.py"),
                *args]  # fmt: skip
     env = subprocess_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)

@@ -6,32 +6,25 @@ Local SGD's per-process optimizer state on another number of processes (docs/err
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import (
+    accel_dp_run,
     fp32_gpt_args,
-    free_port,
     load_recipe,
     read_metrics,
     reset_accelerate_state,
     saved_parameters,
-    subprocess_env,
     tiny_bert,
 )
 
 STEPS, CHECKPOINT = 20, 10
 
 
-def run(recipe: str, processes: int, args: list[str]) -> str:
-    """The recipe through `accel-dp run --cpu --procs N`, as users run it; its output."""
-    command = [sys.executable, "-m", "accel_dp.cli", "run", recipe, "--cpu", "--procs", str(processes),
-               "--main-port", str(free_port()), "--", *args]  # fmt: skip
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout + result.stderr
+def run(recipe: str, processes: int, args: list[str]) -> None:
+    """The recipe through `accel-dp run --cpu --procs N`, as users run it."""
+    assert accel_dp_run(recipe, processes, args) == 0
 
 
 def gpt(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:

@@ -105,12 +105,13 @@ def test_report_of_a_real_gpt_pretrain_run(tmp_path, tiny_gpt_run):
 
     records = read_metrics(tiny_gpt_run)
     image = imread(figure.path)
-    assert image.shape[:2] == (850, 1200) == figure_size_px(3)[::-1]  # loss, throughput, learning rate
-    assert [box.title for box in figure.panels] == ["Loss", "Throughput", "Learning rate"]
+    assert image.shape[:2] == figure_size_px(4)[::-1]  # loss, evaluation (bits per byte), throughput, learning rate
+    assert [box.title for box in figure.panels] == ["Loss", "Evaluation", "Throughput", "Learning rate"]
     points = {s.metric: s.points for s in figure.series}
     assert points == {
         "loss": sum("loss" in r for r in records),
         "eval_loss": sum("eval_loss" in r for r in records),
+        "eval_bits_per_byte": sum("eval_bits_per_byte" in r for r in records),
         "tokens_per_second": sum("tokens_per_second" in r for r in records),
         "lr": sum("lr" in r for r in records),
     }
