@@ -5,6 +5,8 @@ TORCH_VERSION ?= 2.13.0
 TEST_ENV = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
 .PHONY: install test lint kit bench
+# nanoGPT's benchmark runs nanoGPT's own train.py beside the recipe: a checkout, prepared (benchmarks/nanogpt_cpu.py).
+NANOGPT_DIR ?= ../nanoGPT
 
 install:
 	# torch first, pinned, so that no dependency pulls a newer build with gigabytes of CUDA.
@@ -27,7 +29,8 @@ kit:
 	$(PYTHON) tests/run_kit.py
 
 bench:
-	$(TEST_ENV) $(PYTHON) benchmarks/nanogpt_cpu.py
+	$(TEST_ENV) $(PYTHON) benchmarks/nanogpt_cpu.py --nanogpt_dir $(NANOGPT_DIR)
+	$(TEST_ENV) $(PYTHON) benchmarks/cpu_bf16.py
 	$(TEST_ENV) $(PYTHON) benchmarks/overhead.py
 	$(TEST_ENV) $(PYTHON) benchmarks/dp_efficiency.py
 	$(TEST_ENV) $(PYTHON) benchmarks/glue_padding.py
