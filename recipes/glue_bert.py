@@ -732,15 +732,10 @@ def main(argv: list[str] | None = None) -> dict:
                         {"step": step, "epoch": epoch + 1, **{f"eval_{k}{suffix}": v for k, v in metrics.items()}},
                         f"epoch {epoch + 1} {split}: {scores} ({len(preds)} examples)",
                     )
-            if step < max_train_steps:  # the generator now holds the next epoch's start
-                next_epoch = {
-                    "epoch": epoch + 1,
-                    "epoch_step": 0,
-                    "shuffle_generator_state": shuffle_generator.get_state(),
-                }
-                checkpointer.save(
-                    step, {**next_epoch, "eval": eval_results}, epoch_end=True
-                )  # --checkpointing_steps epoch
+            if step < max_train_steps:  # --checkpointing_steps epoch; the generator holds the next epoch's start
+                generator_state = shuffle_generator.get_state()
+                next_epoch = {"epoch": epoch + 1, "epoch_step": 0, "shuffle_generator_state": generator_state}
+                checkpointer.save(step, {**next_epoch, "eval": eval_results}, epoch_end=True)
 
     # ------------------------------------------------------------------------------------------------------- save
     summary = meter.summary()

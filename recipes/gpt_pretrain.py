@@ -282,11 +282,11 @@ class TokenFile:
             ids = self.table[np.frombuffer(text.encode(), dtype=np.uint8)]
         else:
             lines = [line for item in batch for line in (item.splitlines(True) if item else [None])]
-            encodings = iter(self.tokenizer.backend_tokenizer.encode_batch_fast([x for x in lines if x is not None],
-                                                                                add_special_tokens=False))  # fmt: skip
+            texts = [line for line in lines if line is not None]
+            encodings = iter(self.tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False))
             eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
-            ids = np.fromiter(itertools.chain.from_iterable(eos if x is None else next(encodings).ids for x in lines),
-                              dtype=self.dtype)  # fmt: skip
+            pieces = (eos if line is None else next(encodings).ids for line in lines)
+            ids = np.fromiter(itertools.chain.from_iterable(pieces), dtype=self.dtype)
         self.file.write(np.asarray(ids, dtype=self.dtype).tobytes())
         self.tokens, self.bytes = self.tokens + len(ids), self.bytes + len(text.encode())
 
@@ -744,8 +744,8 @@ def main(argv: list[str] | None = None) -> dict:
                     eval_loss = evaluate(accelerator, model, val_loader)
                 # Bits per byte of validation text: comparable across tokenizers (a token is 1 byte or several).
                 bits_per_byte = eval_loss * meta["val_tokens"] / meta["val_bytes"] / math.log(2)
-                log({"step": step, "eval_loss": eval_loss, "eval_bits_per_byte": bits_per_byte},
-                    f"step {step:>6} | val loss {eval_loss:.4f} ({bits_per_byte:.4f} bits per byte)")  # fmt: skip
+                record = {"step": step, "eval_loss": eval_loss, "eval_bits_per_byte": bits_per_byte}
+                log(record, f"step {step:>6} | val loss {eval_loss:.4f} ({bits_per_byte:.4f} bits per byte)")
             if step == args.max_train_steps:
                 break  # the end of training saves the model itself (a signal now lets it finish)
             checkpointer.save(step)  # every --checkpointing_steps

@@ -55,3 +55,13 @@ def test_accel_dp_passes_on_the_kits_exit_codes():
         recipe = load_recipe(name)
         assert runner.PREEMPTED_EXIT_CODE == recipe.PREEMPTED_EXIT_CODE == 75
         assert runner.ERROR_DIR_VARIABLE == recipe.ERROR_DIR_VARIABLE
+
+
+def test_no_recipe_function_is_longer_than_150_lines():
+    """main() reads top to bottom in one screenful per stage: no function (main included) over 150 lines."""
+    for recipe in RECIPES_DIR.glob("*.py"):
+        tree = ast.parse(recipe.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 150, f"{recipe.name}: {node.name}() is {length} lines"
