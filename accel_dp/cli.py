@@ -176,7 +176,7 @@ def run_command(
     err_console.print(f"accel-dp: running {launch.summary}{hint}", highlight=False, soft_wrap=True)
     from .runner import run  # accelerate's launcher in this process: the recipe's exit status and error line
 
-    raise typer.Exit(run(launch.argv[3:], launch.env))
+    raise typer.Exit(run(launch.launcher_args, launch.env))
 
 
 @app.command(
@@ -204,7 +204,7 @@ def prepare_command(
         fail(str(err))
     from .runner import run
 
-    raise typer.Exit(run(launch.argv[3:], launch.env))
+    raise typer.Exit(run(launch.launcher_args, launch.env))
 
 
 @app.command("report")

@@ -41,6 +41,11 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)  # added to the caller's environment
     summary: str = ""  # one line saying what will run, for the user
 
+    @property
+    def launcher_args(self) -> list[str]:
+        """What accelerate's launcher gets: the command after `python -m accel_dp.runner`."""
+        return self.argv[3:]
+
     def shell_line(self) -> str:
         assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
         return " ".join([*assignments, shlex.join(self.argv)])

@@ -12,7 +12,6 @@ resident memory is read after each phase (it only grows). prepare_corpus.py time
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import resource
 import tempfile
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import load_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "gpt_pretrain.py"
@@ -37,9 +37,7 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="another version of gpt_pretrain.py to time")
     args = parser.parse_args()
     os.environ.pop("TOKENIZERS_PARALLELISM", None)  # the Rust tokenizer's threads: every core
-    spec = importlib.util.spec_from_file_location("_bench_gpt_pretrain", args.recipe)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe(args.recipe)
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus, text, size = Path(tmp) / "corpus.txt", SHAKESPEARE.read_bytes(), args.megabytes * 10**6

@@ -3,8 +3,12 @@ sys.path and `from common import ...` works)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def warn_if_busy(what: str = "these timings are not a measurement") -> None:
@@ -18,3 +22,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def load_recipe(path: Path | str):
+    """A recipe imported from its file as a module (its functions and classes; main() does not run). `path`: a file,
+    or a recipe's name in recipes/ (gpt_pretrain, glue_bert)."""
+    path = Path(path) if str(path).endswith(".py") else RECIPES_DIR / f"{path}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

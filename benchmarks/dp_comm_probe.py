@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import statistics
@@ -41,15 +40,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import load_recipe  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gpt_pretrain.py"
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("_bench_recipe_gpt_pretrain", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class HookState:
@@ -104,7 +97,7 @@ def main() -> int:
         get_cosine_with_min_lr_schedule_with_warmup,
     )
 
-    recipe = load_recipe()
+    recipe = load_recipe(RECIPE)
     cache_args = ["--cache_dir", args.cache_dir] if args.cache_dir else []
     rargs = recipe.parse_args([*cache_args, "--per_device_train_batch_size", str(args.per_device_batch)])
     accelerator = Accelerator(

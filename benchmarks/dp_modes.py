@@ -30,7 +30,6 @@ length (timings are not: the machine is noisy, use --repeats and a quiet machine
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -40,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import free_port, warn_if_busy
+from common import free_port, load_recipe, warn_if_busy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "gpt_pretrain.py"
@@ -95,9 +94,7 @@ def worker(result_path: str, recipe_args: list[str]) -> int:
 
     torch.distributed.all_reduce = counting_all_reduce
     accelerate.Accelerator.prepare = prepare
-    spec = importlib.util.spec_from_file_location("_dp_modes_recipe", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe(RECIPE)
     results = recipe.main(recipe_args)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(result_path).write_text(json.dumps({"allreduce_bytes": sent, "results": results}))

@@ -20,7 +20,6 @@ padded length of the dynamic batches is printed beside it (the same seeded shuff
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -30,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import warn_if_busy
+from common import load_recipe, warn_if_busy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "glue_bert.py"
@@ -67,9 +66,7 @@ def dynamic_lengths(args) -> tuple[float, int]:
     import torch
     from transformers import AutoTokenizer
 
-    spec = importlib.util.spec_from_file_location("_bench_recipe_glue_bert", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe(RECIPE)
     defaults = recipe.parse_args([])
     train = recipe.read_glue_tsv("mrpc", REPO_ROOT / "data" / "glue" / "MRPC" / "train.tsv")
     train = train.select(range(min(args.steps * args.batch_size, len(train))))

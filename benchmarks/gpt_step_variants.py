@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib.util
 import os
 import statistics
 import sys
@@ -36,18 +35,11 @@ from unittest import mock
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import warn_if_busy  # noqa: E402
+from common import load_recipe, warn_if_busy  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "gpt_pretrain.py"
 VARIANTS = ["recipe", "foreach", "fused", "compile", "compile_opt", "bf16", "nanogpt"]
 VOCAB, BATCH, BLOCK = 65, 12, 64
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("_bench_gpt_pretrain", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class CharTokenizer:
@@ -112,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     variants = [v for v in args.variants if v != "nanogpt" or args.nanogpt_dir]
     warn_if_busy()
-    recipe = load_recipe()
+    recipe = load_recipe(RECIPE)
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randint(0, VOCAB, (BATCH, BLOCK), generator=generator)
     targets = torch.randint(0, VOCAB, (BATCH, BLOCK), generator=generator)

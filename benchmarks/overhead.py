@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
 import itertools
 import math
 import os
@@ -53,20 +52,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import warn_if_busy
+from common import load_recipe, warn_if_busy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPES = REPO_ROOT / "recipes"
 TARGET_RATIO = 1.03
 SHAKESPEARE_VOCAB = 65
-
-
-def load_recipe(name: str):
-    """Import recipes/<name>.py as a module (its functions and classes, without running main)."""
-    spec = importlib.util.spec_from_file_location(f"_bench_recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def new_accelerator(**kwargs):

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 import os
 import pstats
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from common import load_recipe
 
 # Stage -> (file fragment, function name) pairs whose cumulative time is the stage's time.
 STAGES = {
@@ -50,9 +48,7 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = importlib.util.spec_from_file_location("gpt_pretrain", REPO_ROOT / "recipes" / "gpt_pretrain.py")
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
+    recipe = load_recipe("gpt_pretrain")
     out = tempfile.mkdtemp(prefix="profile-gpt-")
     argv = ["--max_train_steps", str(args.steps), "--eval_every", "250", "--output_dir", out, "--sample_tokens", "0"]
     profiler = cProfile.Profile()

@@ -178,7 +178,7 @@ def accel_dp_run(recipe: str, processes: int, args: list[str]) -> int:
 
     options = RunOptions(cpu=True, procs=processes, main_port=free_port(), recipe_args=tuple(args))
     launch = build_launch(get_recipe(recipe).path, options, gpus_available=0)
-    return run(launch.argv[3:], launch.env)
+    return run(launch.launcher_args, launch.env)
 
 
 def kill_process_tree(pid: int, sig: int | None = None) -> None:

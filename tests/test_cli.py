@@ -145,7 +145,7 @@ def test_a_sigterm_to_accel_dp_run_reaches_every_rank_and_it_exits_75_after_the_
         "import sys; from pathlib import Path; from accel_dp.launch import RunOptions, build_launch; "
         "from accel_dp.runner import run; "
         "options = RunOptions(cpu=True, procs=2, main_port=int(sys.argv[3]), recipe_args=(sys.argv[2],)); "
-        "launch = build_launch(Path(sys.argv[1]), options, 0); sys.exit(run(launch.argv[3:], launch.env))"
+        "launch = build_launch(Path(sys.argv[1]), options, 0); sys.exit(run(launch.launcher_args, launch.env))"
     )
     command = [sys.executable, "-c", driver, str(script), str(tmp_path), str(free_port())]
     process = subprocess.Popen(command, env=subprocess_env(), start_new_session=True)
