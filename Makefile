@@ -4,7 +4,7 @@ TORCH_VERSION ?= 2.13.0
 # Tests never touch the network: the Hugging Face Hub is unreachable on CI and stalls for ~50 s per call.
 TEST_ENV = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test lint kit bench
+.PHONY: install test lint bench
 # nanoGPT's benchmark runs nanoGPT's own train.py beside the recipe: a checkout, prepared (benchmarks/nanogpt_cpu.py).
 NANOGPT_DIR ?= ../nanoGPT
 
@@ -21,12 +21,6 @@ test:
 lint:
 	$(PYTHON) -m ruff check accel_dp recipes tests benchmarks
 	$(PYTHON) -m ruff format --check accel_dp recipes tests benchmarks
-	$(PYTHON) tests/run_kit.py --check
-
-# The run kit (checkpoints, preemption, metering...) is edited in recipes/gpt_pretrain.py; this copies it onto the
-# other recipes, which carry it byte for byte (tests/test_run_kit.py checks that they do).
-kit:
-	$(PYTHON) tests/run_kit.py
 
 bench:
 	$(TEST_ENV) $(PYTHON) benchmarks/nanogpt_cpu.py --nanogpt_dir $(NANOGPT_DIR)

@@ -87,25 +87,29 @@ def configs_command() -> None:
 @app.command("copy")
 def copy_command(
     recipe: str = typer.Argument(..., help="Recipe name, e.g. gpt-pretrain.", autocompletion=complete_recipe),
-    dest: Path = typer.Argument(..., help="A folder, or the file name to write."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    dest: Path = typer.Argument(..., help="A folder, or the file name to give the recipe (its modules go beside it)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
 ) -> None:
-    """Copy a recipe file into your own project; it is self-contained.
+    """Copy a recipe and the modules it imports into your own project: the folder trains alone.
 
-    Example: accel-dp copy gpt-pretrain ./train.py
+    Example: accel-dp copy gpt-pretrain ./my_project/train.py
     """
     try:
-        source = get_recipe(recipe).path
+        found = get_recipe(recipe)
     except UsageError as err:
         fail(str(err))
-    # A destination that is not a .py file name is a folder, which must exist (never a file named like it).
-    target = dest if dest.suffix == ".py" and not dest.is_dir() else dest / source.name
-    if not target.parent.is_dir():
-        fail(f"folder {target.parent} does not exist: create it first (mkdir -p {target.parent})")
-    if target.exists() and not force:
-        fail(f"{target} already exists: choose another destination or pass --force")
-    shutil.copyfile(source, target)
-    console.print(f"copied {source.name} to {target}")
+    # A destination ending in .py (and not an existing folder) names the recipe's file; anything else is a folder.
+    target = dest if dest.suffix == ".py" and not dest.is_dir() else dest / found.path.name
+    if target.parent.exists() and not target.parent.is_dir():
+        fail(f"{target.parent} is a file: give a folder or a .py file name")
+    copies = [(found.path, target), *((module, target.parent / module.name) for module in found.modules())]
+    existing = [str(to) for _, to in copies if to.exists()]
+    if existing and not force:
+        fail(f"{', '.join(existing)} already exist(s): choose another destination or pass --force")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for source, to in copies:
+        shutil.copyfile(source, to)
+    console.print(f"copied {found.name} to {target.parent}: " + ", ".join(to.name for _, to in copies))
 
 
 @app.command(

@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="another version of gpt_pretrain.py to time")
     args = parser.parse_args()
     os.environ.pop("TOKENIZERS_PARALLELISM", None)  # the Rust tokenizer's threads: every core
-    recipe = load_recipe(args.recipe)
+    load_recipe(args.recipe)  # its token_cache module, beside it
+    import token_cache as recipe
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus, text, size = Path(tmp) / "corpus.txt", SHAKESPEARE.read_bytes(), args.megabytes * 10**6

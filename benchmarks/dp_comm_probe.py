@@ -110,7 +110,7 @@ def main() -> int:
     if world < 2:
         print("error: run this under 2 or more processes (see the usage at the top of the file)", file=sys.stderr)
         return 2
-    cache_entry, meta = recipe.prepare_token_cache(rargs, accelerator)
+    cache_entry, meta = recipe.prepare_token_cache(rargs, builds=accelerator.is_local_main_process)
     train_tokens = np.memmap(cache_entry / "train.bin", dtype=meta["dtype"], mode="r")
     tokenizer = AutoTokenizer.from_pretrained(cache_entry / "tokenizer")
 

@@ -68,7 +68,9 @@ def dynamic_lengths(args) -> tuple[float, int]:
 
     recipe = load_recipe(RECIPE)
     defaults = recipe.parse_args([])
-    train = recipe.read_glue_tsv("mrpc", REPO_ROOT / "data" / "glue" / "MRPC" / "train.tsv")
+    import glue_data
+
+    train = glue_data.read_glue_tsv("mrpc", REPO_ROOT / "data" / "glue" / "MRPC" / "train.tsv")
     train = train.select(range(min(args.steps * args.batch_size, len(train))))
     tokenizer = AutoTokenizer.from_pretrained(recipe.default_model_path())
     encoded = tokenizer(list(train["sentence1"]), list(train["sentence2"]), truncation=True, max_length=args.max_length)

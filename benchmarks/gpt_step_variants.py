@@ -9,7 +9,7 @@ batch 12, dropout 0) on the same random batch, a step being forward, cross-entro
 AdamW's step and zero_grad. After two untimed steps (whose time, the compile's where there is one, is printed),
 the variants alternate in blocks of --steps steps for --rounds rounds; the table gives each one's median time per
 step and its ratio to the recipe's. The recipe's model and optimizer come from recipes/gpt_pretrain.py itself
-(build_model, make_optimizer).
+(build_model, optimizer_and_schedule).
 
 recipe        the recipe as it is: transformers' GPT2LMHeadModel (sdpa attention, fused tanh GELU), AdamW
 foreach       AdamW(foreach=True) (torch's default on CPU is the per-tensor loop)
@@ -71,7 +71,7 @@ def make_step(variant: str, recipe, nanogpt_dir: Path | None, inputs, targets):
         if variant in ("foreach", "fused"):
             adamw = functools.partial(torch.optim.AdamW, **{variant: True})
         with mock.patch.object(torch.optim, "AdamW", adamw):
-            optimizer, _ = recipe.make_optimizer(args, model)
+            optimizer, _ = recipe.optimizer_and_schedule(args, model)
         forward = torch.compile(model) if variant.startswith("compile") else model
         precision = torch.autocast("cpu", dtype=torch.bfloat16) if variant == "bf16" else contextlib.nullcontext()
 

@@ -49,7 +49,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import glue_data  # noqa: E402  (beside the recipes: common put them on the path)
 import numpy as np  # noqa: E402
+import run_kit  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import load_recipe, warn_if_busy
@@ -85,7 +87,7 @@ class RecipeSide:
         self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
             model, optimizer, loader, scheduler
         )
-        self.meter = recipe.Meter(accelerator, unit, time.perf_counter())
+        self.meter = run_kit.Meter(accelerator, unit, time.perf_counter())
         self.batches, self.step, self.train_step = iter(self.loader), 0, step
         self.model.train()
 
@@ -171,7 +173,7 @@ def build_gpt(args, total_steps: int):
 
     defaults.max_train_steps, defaults.num_warmup_steps = total_steps, min(defaults.num_warmup_steps, total_steps // 2)
     raw_model = copy.deepcopy(model)
-    raw_optimizer, raw_scheduler = recipe.make_optimizer(defaults, raw_model)
+    raw_optimizer, raw_scheduler = recipe.optimizer_and_schedule(defaults, raw_model)
     raw = GptRawSide(raw_model, raw_optimizer, list(make_loader()), raw_scheduler, defaults.max_grad_norm, 10)
 
     accelerator = new_accelerator(
@@ -180,8 +182,8 @@ def build_gpt(args, total_steps: int):
         gradient_accumulation_steps=1,
         step_scheduler_with_optimizer=False,
     )
-    optimizer, scheduler = recipe.make_optimizer(defaults, model)
-    flops_per_token = recipe.training_flops_per_token(model, block_size)
+    optimizer, scheduler = recipe.optimizer_and_schedule(defaults, model)
+    flops_per_token = run_kit.FlopsPerToken.of(model)(block_size)
 
     def step(side):
         batch = itertools.islice(side.batches, 1)
@@ -242,7 +244,7 @@ def build_glue(args, total_steps: int):
     recipe = load_recipe("glue_bert")
     defaults = recipe.parse_args([])
     model_path = recipe.default_model_path()
-    train = recipe.read_glue_tsv("mrpc", REPO_ROOT / "data" / "glue" / "MRPC" / "train.tsv")
+    train = glue_data.read_glue_tsv("mrpc", REPO_ROOT / "data" / "glue" / "MRPC" / "train.tsv")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     max_length = args.glue_max_length
 
@@ -276,7 +278,7 @@ def build_glue(args, total_steps: int):
             module.bias.data.zero_()
 
     raw_model = copy.deepcopy(model)
-    raw_optimizer, raw_scheduler, _ = recipe.make_optimizer(defaults, raw_model, total_steps)
+    raw_optimizer, raw_scheduler, _ = recipe.optimizer_and_schedule(defaults, raw_model, total_steps)
     raw = GlueRawSide(raw_model, raw_optimizer, list(make_loader()), raw_scheduler, defaults.max_grad_norm)
 
     accelerator = new_accelerator(
@@ -285,13 +287,14 @@ def build_glue(args, total_steps: int):
         gradient_accumulation_steps=1,
         step_scheduler_with_optimizer=False,
     )
-    optimizer, scheduler, _ = recipe.make_optimizer(defaults, model, total_steps)
+    optimizer, scheduler, _ = recipe.optimizer_and_schedule(defaults, model, total_steps)
     layout = recipe.EpochLayout(len(tokenized), batch_size, 1, 1)
+    flops_per_token = run_kit.FlopsPerToken.of(model)
 
     def step(side):  # one micro-batch per step, counted from the epoch's start as the recipe's loop does
         batch = itertools.islice(side.batches, 1)
         return recipe.train_step(
-            accelerator, side.model, side.optimizer, batch, side.step, layout, defaults.max_grad_norm
+            accelerator, side.model, side.optimizer, batch, side.step, layout, defaults.max_grad_norm, flops_per_token
         )
 
     side = RecipeSide(recipe, accelerator, model, optimizer, make_loader(), scheduler, "samples", step)

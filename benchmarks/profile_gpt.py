@@ -28,10 +28,10 @@ STAGES = {
     "gradient clipping + non-finite check": [("accelerate/accelerator.py", "clip_grad_norm_")],
     "data loading": [("accelerate/data_loader.py", "__iter__")],
     "evaluation": [("gpt_pretrain.py", "evaluate")],
-    "logging (loss reduce + metrics.jsonl)": [("accelerate/accelerator.py", "reduce"), ("gpt_pretrain.py", "log")],
+    "logging (loss reduce + metrics.jsonl)": [("accelerate/accelerator.py", "reduce"), ("run_kit.py", "__call__")],
     "preemption check": [("accelerate/accelerator.py", "check_trigger")],
     "token cache + model build (start-up)": [
-        ("gpt_pretrain.py", "prepare_token_cache"),
+        ("token_cache.py", "prepare_token_cache"),
         ("transformers/modeling_utils.py", "from_config"),
     ],  # fmt: skip
 }

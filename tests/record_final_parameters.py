@@ -42,7 +42,7 @@ def caller_kind() -> str:
         name = frame.f_code.co_filename.replace(os.sep, "/")
         if "/ddp_comm_hooks/" in name:
             return "gradients"
-        if name.endswith(f"recipes/{recipe_name}.py") and frame.f_code.co_name == "average":
+        if name.endswith("recipes/run_kit.py") and frame.f_code.co_name == "average":
             return "parameters"
         frame = frame.f_back
     return "other"
@@ -102,10 +102,13 @@ accelerate.Accelerator.prepare = prepare_and_count
 accelerate.Accelerator.end_training = record_then_finish
 torch.distributed.all_reduce = counting_all_reduce
 path = Path(__file__).resolve().parents[1] / "recipes" / f"{recipe_name}.py"
+sys.path.insert(0, str(path.parent))  # the modules the recipe imports, beside it
 spec = importlib.util.spec_from_file_location(recipe_name, path)
 recipe = importlib.util.module_from_spec(spec)
 sys.modules[recipe_name] = recipe
 spec.loader.exec_module(recipe)
-original_local_sgd_step = recipe.LocalSGD.step
-recipe.LocalSGD.step = local_sgd_step_and_keep
+import run_kit  # noqa: E402  (the module the recipe imports, beside it)
+
+original_local_sgd_step = run_kit.LocalSGD.step
+run_kit.LocalSGD.step = local_sgd_step_and_keep
 recipe.main(recipe_args)

@@ -29,7 +29,7 @@ def test_list_shows_every_recipe_with_its_docstring_line():
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0
     listed = " ".join(result.output.split())  # the table may wrap a description over several lines
-    for path in RECIPES_DIR.glob("*.py"):
+    for path in (RECIPES_DIR / "gpt_pretrain.py", RECIPES_DIR / "glue_bert.py"):
         first_line = ast.get_docstring(ast.parse(path.read_text())).splitlines()[0]
         assert f"{path.stem.replace('_', '-')} {first_line}" in listed
 
@@ -50,26 +50,57 @@ def test_configs_lists_every_bundled_config():
         assert name in result.output
 
 
-def test_copy_writes_the_recipe_and_never_overwrites(tmp_path: Path):
+def test_copy_writes_the_recipe_with_its_modules_and_never_overwrites(tmp_path: Path):
     result = runner.invoke(app, ["copy", "gpt-pretrain", str(tmp_path)])
     assert result.exit_code == 0
-    copied = tmp_path / "gpt_pretrain.py"
-    assert copied.read_text() == (RECIPES_DIR / "gpt_pretrain.py").read_text()
-    copied.write_text("# my edits\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt_pretrain.py", "run_kit.py", "token_cache.py"]
+    for name in ("gpt_pretrain.py", "run_kit.py", "token_cache.py"):
+        assert (tmp_path / name).read_text() == (RECIPES_DIR / name).read_text()
+        assert name in result.output
+    (tmp_path / "run_kit.py").write_text("# my edits\n")
     again = runner.invoke(app, ["copy", "gpt-pretrain", str(tmp_path)])
     assert again.exit_code == 2
-    assert "already exists" in again.output
-    assert copied.read_text() == "# my edits\n"
+    assert "already exist" in again.output and "--force" in again.output
+    assert (tmp_path / "run_kit.py").read_text() == "# my edits\n"
+    assert runner.invoke(app, ["copy", "gpt-pretrain", str(tmp_path), "--force"]).exit_code == 0
+    assert (tmp_path / "run_kit.py").read_text() == (RECIPES_DIR / "run_kit.py").read_text()
 
 
-def test_copy_into_a_missing_folder_is_refused_and_writes_nothing(tmp_path: Path):
-    result = runner.invoke(app, ["copy", "gpt-pretrain", str(tmp_path / "my_project") + "/"])
-    assert result.exit_code == 2
-    assert "does not exist" in result.output
-    assert list(tmp_path.iterdir()) == []
-    (tmp_path / "my_project").mkdir()
-    assert runner.invoke(app, ["copy", "glue-bert", str(tmp_path / "my_project" / "train.py")]).exit_code == 0
-    assert (tmp_path / "my_project" / "train.py").read_text() == (RECIPES_DIR / "glue_bert.py").read_text()
+def test_copy_as_the_readme_shows_makes_the_folder_and_names_the_recipe_file(tmp_path: Path):
+    """`accel-dp copy glue-bert ./my_project/train.py` on a fresh folder: the recipe as train.py, its modules beside."""
+    result = runner.invoke(app, ["copy", "glue-bert", str(tmp_path / "my_project" / "train.py")])
+    assert result.exit_code == 0, result.output
+    project = tmp_path / "my_project"
+    assert (project / "train.py").read_text() == (RECIPES_DIR / "glue_bert.py").read_text()
+    assert (project / "run_kit.py").is_file() and (project / "glue_data.py").is_file()
+    (tmp_path / "a_file").write_text("")
+    refused = runner.invoke(app, ["copy", "glue-bert", str(tmp_path / "a_file" / "train.py")])
+    assert refused.exit_code == 2 and "is a file" in refused.output
+
+
+def test_the_registry_offers_recipes_never_their_modules():
+    from accel_dp.cli import complete_recipe
+    from accel_dp.recipes import get_recipe, list_recipes
+
+    assert [r.name for r in list_recipes()] == ["glue-bert", "gpt-pretrain"]
+    assert complete_recipe("") == ["glue-bert", "gpt-pretrain"]  # shell completion
+    listed = runner.invoke(app, ["list"]).output
+    for module in ("run-kit", "token-cache", "glue-data"):
+        assert module not in listed
+        refused = runner.invoke(app, ["run", module, "--dry-run"])
+        assert refused.exit_code == 2 and "unknown recipe" in refused.output
+    assert [m.name for m in get_recipe("gpt-pretrain").modules()] == ["run_kit.py", "token_cache.py"]
+
+
+def test_flags_are_asked_of_the_recipes_own_parser_including_the_kits():
+    from accel_dp.recipes import get_recipe
+
+    gpt, glue = get_recipe("gpt-pretrain"), get_recipe("glue-bert")
+    assert gpt.accepts_flag("--prepare_only") and not glue.accepts_flag("--prepare_only")
+    # Defined by the run kit's add_run_arguments, not in the recipes' own text.
+    assert "--resume_from_checkpoint" not in gpt.path.read_text()
+    assert gpt.accepts_flag("--resume_from_checkpoint") and glue.accepts_flag("--checkpointing_steps")
+    assert not gpt.accepts_flag("--no_such_flag")
 
 
 def test_dry_run_prints_the_command_and_passes_recipe_args_after_double_dash(no_gpu):

