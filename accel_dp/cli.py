@@ -223,8 +223,9 @@ def report_command(
 ) -> None:
     """Plot the curves of one or more runs and write an HTML report.
 
-    Loss, evaluation metrics, throughput and learning rate per optimizer step, the runs overlaid, in one PNG; the
-    page shows it with a table of each run's final numbers (its all_results.json).
+    Loss, evaluation metrics (a panel per unit), throughput, TFLOP/s and learning rate per optimizer step, the runs
+    overlaid, in one PNG, each axis labelled with its unit; the page shows it with a table of each run's final numbers
+    (its all_results.json), one row per run and one number format per column.
 
     Example: accel-dp report runs/one-proc runs/two-procs --output compare.html
     """

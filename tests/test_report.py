@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,16 @@ from matplotlib.image import imread
 from typer.testing import CliRunner
 
 from accel_dp.cli import app
-from accel_dp.report import figure_size_px, parse_metrics, run_names, write_report
+from accel_dp.report import (
+    axis_limits,
+    figure_size_px,
+    load_runs,
+    number_format,
+    parse_metrics,
+    run_names,
+    summary_table,
+    write_report,
+)
 
 runner = CliRunner()
 
@@ -78,7 +89,7 @@ def test_two_runs_are_overlaid_with_every_series_and_the_page_shows_both(tmp_pat
     assert image.shape[:2] == (1250, 1200)
     assert '<img src="compare.png"' in page
     assert "gpt-small" in page and "glue-mrpc" in page
-    assert "<td>2.412</td>" in page and "<td>123,456</td>" in page  # gpt-small's all_results.json
+    assert '<td class="num">2.412</td>' in page and '<td class="num">123,456</td>' in page  # its all_results.json
     assert "glue-mrpc: no all_results.json" in page
     assert "glue-mrpc: 1 line(s) of metrics.jsonl were not JSON records" in page
 
@@ -89,8 +100,8 @@ def test_two_runs_are_overlaid_with_every_series_and_the_page_shows_both(tmp_pat
         ("Loss", "gpt-small", "eval_loss"): 4,
         ("Loss", "glue-mrpc", "loss"): 8,
         ("Loss", "glue-mrpc", "eval_loss"): 2,
-        ("Evaluation", "glue-mrpc", "eval_accuracy"): 2,
-        ("Evaluation", "glue-mrpc", "eval_f1"): 2,
+        ("Evaluation: accuracy / F1", "glue-mrpc", "eval_accuracy"): 2,
+        ("Evaluation: accuracy / F1", "glue-mrpc", "eval_f1"): 2,
         ("Throughput (tokens/s)", "gpt-small", "tokens_per_second"): 8,
         ("Throughput (samples/s)", "glue-mrpc", "samples_per_second"): 8,
         ("Learning rate", "gpt-small", "lr"): 8,
@@ -105,21 +116,129 @@ def test_report_of_a_real_gpt_pretrain_run(tmp_path, tiny_gpt_run):
 
     records = read_metrics(tiny_gpt_run)
     image = imread(figure.path)
-    assert image.shape[:2] == figure_size_px(4)[::-1]  # loss, evaluation (bits per byte), throughput, learning rate
-    assert [box.title for box in figure.panels] == ["Loss", "Evaluation", "Throughput", "Learning rate"]
+    assert image.shape[:2] == figure_size_px(5)[::-1]
+    titles = ["Loss", "Evaluation: bits per byte", "Throughput", "Compute", "Learning rate"]
+    assert [box.title for box in figure.panels] == titles
     points = {s.metric: s.points for s in figure.series}
     assert points == {
         "loss": sum("loss" in r for r in records),
         "eval_loss": sum("eval_loss" in r for r in records),
         "eval_bits_per_byte": sum("eval_bits_per_byte" in r for r in records),
         "tokens_per_second": sum("tokens_per_second" in r for r in records),
+        "tflops": sum("tflops" in r for r in records),
         "lr": sum("lr" in r for r in records),
     }
     assert points["loss"] == 4 and points["eval_loss"] == 2
     assert_every_curve_is_drawn(figure, image)
     page = html_path.read_text()
     results = json.loads((tiny_gpt_run / "all_results.json").read_text())
-    assert f"<td>{results['eval_loss']:.4g}</td>" in page and "<th>world_size</th><td>1</td>" in page
+    table = summary_table(load_runs([tiny_gpt_run]))
+    cells = dict(zip(table.columns, table.rows[0], strict=True))
+    assert cells["world_size"] == "1" and math.isclose(float(cells["eval_loss"]), results["eval_loss"], rel_tol=1e-3)
+    assert f'<td class="num">{cells["eval_loss"]}</td>' in page
+
+
+def gpt_30_step_records() -> list[dict]:
+    """Shaped like a 30-step gpt-pretrain run: logged at step 1 (the untrained loss, ln(vocabulary) = 10.9, and a
+    throughput measured while compiling) and every 5 steps, the loss falling from 4.2 to 2.5; evaluated at 15 and 30."""
+    records = []
+    for step in (1, 5, 10, 15, 20, 25, 30):
+        loss = 10.9 if step == 1 else 4.2 - 1.7 * (step - 5) / 25
+        records.append({"step": step, "loss": loss, "lr": 6e-4 * min(1, step / 5) * (1 - step / 31),
+                        "tokens_per_second": 3697.4 if step == 1 else 17630.0 + 20 * step,
+                        "tflops": 0.9 if step == 1 else 4.3, "elapsed_s": 0.8 * step})  # fmt: skip
+        if step in (15, 30):
+            eval_loss = 3.1 if step == 15 else 2.6
+            records.append({"step": step, "eval_loss": eval_loss, "eval_bits_per_byte": 0.38 * eval_loss})
+    return records
+
+
+def test_every_panel_labels_its_axes_with_units_and_names_each_series_in_a_legend(tmp_path):
+    gpt = write_run(tmp_path / "gpt", gpt_30_step_records())
+    _, figure = write_report([gpt], tmp_path / "one")
+    panels = {box.title: box for box in figure.panels}
+
+    assert {title: box.ylabel for title, box in panels.items()} == {
+        "Loss": "loss (nats)",
+        "Evaluation: bits per byte": "bits per byte",
+        "Throughput": "tokens/s",
+        "Compute": "TFLOP/s",
+        "Learning rate": "learning rate",
+    }
+    assert all(box.xlabel == "optimizer step" for box in figure.panels)
+    # A legend on every panel, also where it has a single series: one run, so each entry is the metric's name.
+    assert {title: box.legend for title, box in panels.items()} == {
+        "Loss": ("train loss", "eval loss"),
+        "Evaluation: bits per byte": ("eval bits per byte",),
+        "Throughput": ("tokens/s",),
+        "Compute": ("TFLOP/s",),
+        "Learning rate": ("learning rate",),
+    }
+    # Evaluation losses (nats) and bits per byte never share an axis.
+    panel_of = {s.metric: s.panel for s in figure.series}
+    assert panel_of["eval_loss"] == "Loss" and panel_of["eval_bits_per_byte"] == "Evaluation: bits per byte"
+
+    # Several runs overlaid: each legend entry names the run as well; GLUE's scores and throughput have their units.
+    glue = write_run(tmp_path / "glue", glue_like_records(8))
+    _, figure = write_report([gpt, glue], tmp_path / "two")
+    panels = {box.title: box for box in figure.panels}
+    assert panels["Evaluation: accuracy / F1"].ylabel == "accuracy / F1 (0-1)"
+    assert panels["Evaluation: accuracy / F1"].legend == ("glue: eval accuracy", "glue: eval F1")
+    assert panels["Throughput (samples/s)"].ylabel == "samples/s"
+    assert panels["Throughput (samples/s)"].legend == ("glue: samples/s",)
+    assert panels["Throughput (tokens/s)"].legend == ("gpt: tokens/s",)
+    assert panels["Loss"].legend == ("gpt: train loss", "gpt: eval loss", "glue: train loss", "glue: eval loss")
+    assert all(box.xlabel == "optimizer step" and box.legend for box in figure.panels)
+
+
+def test_robust_y_limits_leave_out_a_single_early_outlier_which_is_still_drawn(tmp_path):
+    loss = [10.9, 4.2, 3.6, 3.1, 2.8, 2.6, 2.5]
+    low, high = axis_limits([loss])
+    assert 4.2 < high < 4.2 + 0.2 * (4.2 - 2.5) and 2.5 - 0.2 * (4.2 - 2.5) < low < 2.5  # the rest, padded
+    assert axis_limits([[3697.4, 17630, 17700, 17650, 17720]])[0] > 15000  # a first throughput while compiling
+    # A curve without an outlier, and two points, are shown whole; a learning rate is always whole and from 0.
+    assert axis_limits([[4.2, 3.35, 2.5]])[1] > 4.2 and axis_limits([[10.9, 4.2]])[1] > 10.9
+    assert axis_limits([[1e-5, 6e-4, 3e-4]], robust=False) == pytest.approx((-0.08 * 6e-4, 1.08 * 6e-4))
+
+    _, figure = write_report([write_run(tmp_path / "gpt", gpt_30_step_records())], tmp_path / "report")
+    panels = {box.title: box for box in figure.panels}
+    assert panels["Loss"].ylim[1] < 5 and panels["Loss"].ylim[0] < 2.5 and panels["Loss"].off_scale == 1
+    assert panels["Throughput"].ylim[0] > 10000 and panels["Throughput"].off_scale == 1
+    assert panels["Learning rate"].off_scale == 0
+    points = {(s.panel, s.metric): s.points for s in figure.series}
+    assert points[("Loss", "loss")] == 7 and points[("Throughput", "tokens_per_second")] == 7  # every point drawn
+    assert_every_curve_is_drawn(figure, imread(figure.path))
+
+
+def test_each_column_of_the_results_table_has_one_number_format(tmp_path):
+    first = write_run(tmp_path / "first", [{"step": 30, "loss": 2.5}],
+                      {"world_size": 2, "tokens_per_second": 3697.4, "eval_loss": 2.4123456, "lr": 3e-4,
+                       "mfu": 0.0021789, "peak_memory_gib": None, "mixed_precision": "bf16"})  # fmt: skip
+    second = write_run(tmp_path / "second", [{"step": 30, "loss": 2.5}],
+                       {"world_size": 16, "tokens_per_second": 17630.2, "eval_loss": 10.531, "lr": 2e-5,
+                        "mfu": 0.41, "peak_memory_gib": 71.25})  # fmt: skip
+    table = summary_table(load_runs([first, second]))
+    columns = {name: [row[i] for row in table.rows] for i, name in enumerate(table.columns)}
+
+    assert columns["world_size"] == ["2", "16"]
+    assert columns["tokens_per_second"] == ["3,697", "17,630"]  # not 3697 beside 1.763e+04
+    assert columns["eval_loss"] == ["2.41", "10.53"]
+    assert columns["lr"] == ["3.000e-04", "2.000e-05"]
+    assert columns["mfu"] == ["0.0022", "0.4100"]
+    assert columns["peak_memory_gib"] == ["–", "71.25"] and columns["mixed_precision"] == ["bf16", "–"]
+
+    def number_format_of(cell: str) -> tuple[bool, int]:  # scientific or not, and how many decimals
+        mantissa = cell.split("e")[0]
+        return "e" in cell, len(mantissa.split(".")[1]) if "." in mantissa else 0
+
+    for name, cells in columns.items():
+        numbers = [cell for cell in cells if re.fullmatch(r"[\d,.e+-]+", cell)]
+        assert len({number_format_of(cell) for cell in numbers}) <= 1, (name, cells)
+    assert number_format([1, 2.5]) == number_format([2.5, 1]) == ",.3f" and number_format([123456, 7]) == ","
+
+    page = (write_report([first, second], tmp_path / "report")[0]).read_text()
+    assert '<td class="num">3,697</td>' in page and '<td class="num">17,630</td>' in page
+    assert "1.763e+04" not in page and "<td>bf16</td>" in page
 
 
 @pytest.mark.parametrize(
