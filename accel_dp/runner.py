@@ -3,8 +3,9 @@
     python -m accel_dp.runner <accelerate launch arguments>   # what `accel-dp run` and `accel-dp slurm`'s script run
 
 - The exit status is the recipe's: 2 bad input, 75 preempted (a checkpoint was written), 1 a failure; with several
-  processes the first that exited on its own (not killed by the launcher's teardown); 128 + N for one killed by
-  signal N. (`accelerate launch` itself exits 1 whenever a process fails, after a launcher traceback.)
+  processes the first that ended on its own (not killed by the launcher's teardown); 128 + N for one killed by
+  signal N from outside (137: SIGKILL, the out-of-memory killer), with a line naming its rank. (`accelerate launch`
+  itself exits 1 whenever a process fails, after a launcher traceback.)
 - Each distinct error line of the processes is printed once: the recipes' run kit writes it into the folder named by
   ACCEL_DP_ERROR_DIR rather than to the terminal. No launcher traceback buries it; a launcher that fails on its own
   (a bad option, a rendezvous that never completes) keeps its output.
@@ -43,10 +44,16 @@ def exit_status(error: BaseException | None) -> tuple[int, int | None]:
     if isinstance(error, subprocess.CalledProcessError):  # the one-process launcher: the recipe's own status
         return as_status(error.returncode), 0
     if isinstance(error, ChildFailedError):
-        # A process that exited with a status of its own came first; those the launcher then killed (negative
-        # codes: SIGTERM at teardown) are consequences. Ties in the launcher's 1-second timestamps go to the lowest
-        # rank.
-        rank, failure = min(error.failures.items(), key=lambda f: (f[1].exitcode < 0, f[1].timestamp, f[0]))
+        # The first process that ended on its own decides: by its own exit status, or killed from outside (SIGKILL:
+        # the out-of-memory killer, kill -9), whereupon the others stop with "lost contact". Those the launcher then
+        # killed at teardown (SIGTERM) are consequences. Ties in the launcher's 1-second timestamps go to a killed
+        # process, then to the lowest rank.
+        def order(item):
+            rank, failure = item
+            killed = failure.exitcode == -signal.SIGKILL
+            return (failure.exitcode < 0 and not killed, failure.timestamp, not killed, rank)
+
+        rank, failure = min(error.failures.items(), key=order)
         return as_status(failure.exitcode), rank
     raise error
 
@@ -55,8 +62,23 @@ def as_status(code: int) -> int:
     return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128 + N
 
 
-def report_errors(error_dir: Path, first_rank: int | None) -> None:
-    """Each distinct error line of the processes once, the first failing process's first."""
+def killed_line(code: int, rank: int | None) -> str | None:
+    """The line for a process that a signal killed before it could say why (its status is 128 + N)."""
+    if code <= 128 or code - 128 not in signal.valid_signals():
+        return None
+    name = signal.Signals(code - 128).name
+    cause = "the kernel's out-of-memory killer or a kill -9" if name == "SIGKILL" else "a signal from outside"
+    return (
+        f"error: rank {rank or 0} was killed by {name} ({cause}), exit status {code}: if memory ran out, lower the "
+        "batch or the model; run the same command with --resume_from_checkpoint latest to continue"
+    )
+
+
+def report_errors(error_dir: Path, first_rank: int | None, code: int) -> None:
+    """A killed process's line, then each distinct error line of the processes once, the first failing
+    process's first."""
+    if line := killed_line(code, first_rank):  # on a line of its own: the killed process left its progress bar open
+        print("\n" + line, file=sys.stderr, flush=True)
     files = sorted(error_dir.glob("rank-*"), key=lambda p: (p.name != f"rank-{first_rank}", int(p.name[5:])))
     lines = dict.fromkeys(line for p in files for line in p.read_text().splitlines() if line.strip())
     for line in lines:
@@ -118,7 +140,7 @@ def run(launch_args: list[str], env: dict[str, str] | None = None) -> int:
     except BaseException as error:  # the launcher failed on its own: its traceback, as accelerate would show it
         traceback.print_exception(error)
         code, first_rank = 1, None
-    report_errors(error_dir, first_rank)
+    report_errors(error_dir, first_rank, code)
     shutil.rmtree(error_dir, ignore_errors=True)
     return code
 

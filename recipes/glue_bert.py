@@ -210,6 +210,7 @@ def load_model(args, task: str):
     model = load_pretrained(
         AutoModelForSequenceClassification,
         model_path,
+        new_modules=("classifier",),  # the task's head, made here
         config=config,
         ignore_mismatched_sizes=args.ignore_mismatched_sizes,
         trust_remote_code=args.trust_remote_code,
@@ -421,8 +422,8 @@ def main(argv: list[str] | None = None) -> dict:
     task = args.task
     run = Run(RECIPE, args, unit="samples", default_name=f"glue-{task}")  # launch checks, Accelerator, output folder
     accelerator, n, accumulation = run.accelerator, run.accelerator.num_processes, run.accumulation
-    if not accelerator.is_main_process:
-        datasets.disable_progress_bars()  # one copy of the progress bars, not one per process
+    if not accelerator.is_main_process or not sys.stderr.isatty():
+        datasets.disable_progress_bars()  # one copy of the progress bars, not one per process; none in a log file
 
     # ------------------------------------------------------------------------------------------------------- data
     splits = load_splits(args, accelerator)  # glue_data.py: files, GLUE's TSVs, the bundled copy or the Hub

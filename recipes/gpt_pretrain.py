@@ -93,7 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval_every", type=int, default=250, help="Optimizer steps between evaluations.")
-    evaluation.add_argument("--eval_iters", type=int, default=20, help="Validation batches per evaluation.")
+    evaluation.add_argument(
+        "--eval_iters", type=int, default=20, help="Validation set: this many global batches of windows."
+    )
     evaluation.add_argument("--per_device_eval_batch_size", type=int, help="Default: the train batch size.")
     evaluation.add_argument("--sample_tokens", type=int, default=200, help="Tokens to generate at the end; 0: none.")
     evaluation.add_argument("--prompt", default="\n", help="Prompt of the generated sample.")
@@ -138,7 +140,8 @@ def make_loaders(args, train_tokens, val_tokens, block_size: int, global_batch_s
     """Training windows at random offsets, drawn with replacement (nanoGPT's sampling) from one seeded generator, so
     the sequence of global batches is the same whatever the number of processes: accelerate gives rank k the batches
     k, k+K, k+2K, ..., and K processes at batch B see exactly what one process sees at K*B. Validation: a fixed,
-    evenly spaced set of eval_iters batches, shared out among the processes.
+    evenly spaced set of eval_iters x global_batch_size windows, the same at any number of processes (and after an
+    elastic resume, which keeps the global batch), shared out among them in per-device batches.
 
     Each loader has a generator of its own: a DataLoader without one draws from the global RNG (which dropout uses)
     each time it starts, and a resumed run starts its loader at another moment than the original."""
@@ -151,7 +154,8 @@ def make_loaders(args, train_tokens, val_tokens, block_size: int, global_batch_s
         train_windows, batch_size=args.per_device_train_batch_size, sampler=sampler, generator=data_generator
     )
     eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
-    starts = np.linspace(0, len(val_tokens) - block_size - 1, num=args.eval_iters * eval_batch_size).astype(np.int64)
+    windows = args.eval_iters * global_batch_size
+    starts = np.linspace(0, len(val_tokens) - block_size - 1, num=windows).astype(np.int64)
     val_loader = torch.utils.data.DataLoader(
         TokenWindows(val_tokens, block_size, starts), batch_size=eval_batch_size, generator=torch.Generator()
     )
@@ -349,9 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
                 with run.evaluation():
                     eval_loss = evaluate(accelerator, model, val_loader)
                 record = {"step": step, "eval_loss": eval_loss, "eval_bits_per_byte": eval_loss * bits_per_byte}
-                run.log(
-                    record, f"step {step:>6} | val loss {eval_loss:.4f} ({eval_loss * bits_per_byte:.4f} bits per byte)"
-                )
+                bits = f"{eval_loss * bits_per_byte:.4f} bits per byte"
+                run.log(record, f"step {step}/{args.max_train_steps} | val loss {eval_loss:.4f} ({bits})")
             if step == args.max_train_steps:
                 break  # the end of training saves the model itself (a signal now lets it finish)
             run.save(step)  # a checkpoint every --checkpointing_steps; after a signal, one, then exit 75

@@ -37,8 +37,8 @@ from typing import NamedTuple, NoReturn
 
 import psutil
 import torch
-from accelerate import Accelerator
-from accelerate.logging import get_logger
+from accelerate import Accelerator, PartialState
+from accelerate.logging import MultiProcessAdapter
 from accelerate.utils import (
     DDPCommunicationHookType,
     DistributedDataParallelKwargs,
@@ -58,9 +58,20 @@ BAD_INPUT_EXIT_CODE = 2  # refused before any work: nothing was written
 CHECKPOINT_FORMAT = 2  # training_state.json's layout; older checkpoints are refused with a message
 ERROR_DIR_VARIABLE = "ACCEL_DP_ERROR_DIR"  # set by `accel-dp run`, which prints each process's error line once
 
+
 # Messages go through accelerate's logger: the main process prints them (one copy, not one per process), above the
 # progress bar rather than through it.
-logger = get_logger(__name__)
+class RankLogger(MultiProcessAdapter):
+    """accelerate's logger (the main process prints, above the progress bar), with a rank prefix only where there are
+    several processes to tell apart."""
+
+    def process(self, msg, kwargs):
+        kwargs.setdefault("stacklevel", 2)
+        state = PartialState()
+        return (f"[rank {state.process_index}] {msg}" if state.num_processes > 1 else msg), kwargs
+
+
+logger = RankLogger(logging.getLogger(__name__), {})
 
 
 class AboveProgressBar(logging.Handler):
@@ -250,6 +261,9 @@ def start_accelerator(args: argparse.Namespace, recipe: str) -> Accelerator:
     if not accelerator.is_main_process:  # one copy of the libraries' chatter, not one per process
         for library in ("transformers", "datasets"):
             logging.getLogger(library).setLevel(logging.ERROR)
+    # save_state drops GPT-2's tied LM head (the token embeddings' twin) and says so at every checkpoint, though
+    # load_state ties it back: expected and harmless. That module's other warnings still show.
+    logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in str(record.msg))
     return accelerator
 
 
@@ -393,9 +407,13 @@ def save_model(accelerator: Accelerator, model, tokenizer, output_dir: Path) -> 
     part: get_state_dict gathers the full weights when FSDP or ZeRO-3 shard them."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
-    accelerator.unwrap_model(model).save_pretrained(
-        output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
-    )
+    with no_transformers_progress_bars():
+        accelerator.unwrap_model(model).save_pretrained(
+            output_dir,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict=state_dict,
+        )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)
 
@@ -555,8 +573,7 @@ class Checkpointer:
         if saved != now:
             logger.info(
                 f"{self.recipe}: the checkpoint was written by {describe(**saved)}; resuming on {describe(**now)}: the "
-                "same global batches, optimizer step and LR schedule. Random numbers (dropout) continue from a new "
-                "stream: they cannot be carried over exactly to another layout"
+                "same global batches, optimizer step and LR schedule"
             )
         return None
 
@@ -590,6 +607,11 @@ class Checkpointer:
             self.accelerator.step = 0
             # The saved RNG states belong to other processes: a new stream, the same on every rerun.
             set_seed(self.args.seed + step, device_specific=True)
+            if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in local_sgd.model.modules()):
+                logger.info(
+                    f"{self.recipe}: random numbers (dropout) continue from a new stream: they cannot be carried over "
+                    "exactly to another layout"
+                )
         if local_sgd.enabled:
             own = path / f"optimizer_rank_{self.accelerator.process_index}.bin"
             if own.is_file():  # this replica's moments, not rank 0's (they differ between averages)
@@ -687,12 +709,15 @@ class Guard:
         if result.finite:
             return
         self.skipped_steps += 1
-        if self.skipped_steps > self.args.nonfinite_skip_limit:
+        limit = self.args.nonfinite_skip_limit
+        if self.skipped_steps > limit:
             latest = Path(self.log.path.parent, "checkpoints", "latest")
+            used_up = f"all {limit} skips that --nonfinite_skip_limit allows are used up"
+            skips = used_up if limit else "or allow skips with --nonfinite_skip_limit N"
             stop(
                 f"gradient norm is {float(result.grad_norm)} at optimizer step {step}; stopped without saving (last "
                 f"checkpoint: {latest.read_text().strip() if latest.is_file() else 'none'}). Lower --learning_rate, "
-                "check the data, or allow skips with --nonfinite_skip_limit N"
+                f"check the data, {skips}"
             )
         self.log(
             {"step": step, "skipped_nonfinite_step": self.skipped_steps},
@@ -744,8 +769,10 @@ def run_failing_fast(entry, recipe: str) -> None:
             who = "rank " + ", ".join(map(str, lost)) if lost else "another process"
         except Exception:  # the store lives with rank 0's launcher: that node is gone
             who = "rank 0 (the main node)"
+        # gloo's text quotes its C++ source and a cut-off sentence: name what happened, not where.
+        reason = next((s for s in LOST_PEER_ERRORS if s in text), type(error).__name__)
         report_error(
-            f"rank {rank}: lost contact with {who} ({text.strip().splitlines()[0][:160]}); stopping. Resume with "
+            f"rank {rank}: lost contact with {who} ({reason.lower()}); stopping. Resume with "
             "--resume_from_checkpoint latest once all nodes are back"
         )
         sys.stderr.flush()
@@ -955,14 +982,48 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
 
 
-def load_pretrained(auto_class, name_or_path: str, **kwargs):
+def load_pretrained(auto_class, name_or_path: str, new_modules: tuple[str, ...] = (), **kwargs):
     """`auto_class.from_pretrained` with fp32 master weights, whatever the checkpoint holds (transformers keeps a bf16
     one in bf16, which fp16's loss scaler cannot unscale and in which AdamW's small updates round away):
-    --mixed_precision casts. A checkpoint that cannot be loaded is a one-line error."""
+    --mixed_precision casts. A checkpoint that cannot be loaded is a one-line error. transformers' LOAD REPORT table
+    (with terminal colour codes, also in a log file) becomes one line naming the weights the checkpoint lacked, and
+    none when those are the `new_modules` the recipe adds on purpose (a fresh classification head)."""
+
+    def not_the_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    reporter = logging.getLogger("transformers.modeling_utils")
+    reporter.addFilter(not_the_report)
     try:
-        return auto_class.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
+        with no_transformers_progress_bars():
+            model, info = auto_class.from_pretrained(
+                name_or_path, dtype=torch.float32, output_loading_info=True, **kwargs
+            )
     except (OSError, ValueError) as e:
         fail(f"cannot load model '{name_or_path}': {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+    finally:
+        reporter.removeFilter(not_the_report)
+    mismatched = [key[0] if isinstance(key, tuple) else key for key in info["mismatched_keys"]]
+    fresh = [key for key in info["missing_keys"] if not key.startswith(new_modules)] + mismatched
+    if fresh:
+        listed = ", ".join(map(str, fresh[:5])) + (", ..." if len(fresh) > 5 else "")
+        logger.warning(f"{name_or_path}: {len(fresh)} weight(s) not in the checkpoint, initialised at random: {listed}")
+    return model
+
+
+@contextlib.contextmanager
+def no_transformers_progress_bars():
+    """transformers' "Loading weights" and "Writing model shards" bars, one per model: a moment on screen, and a
+    line of carriage returns in a log file."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def make_optimizer(
@@ -1090,8 +1151,11 @@ class Run:
 
     @contextlib.contextmanager
     def training(self, total_steps: int):
-        """Around the loop: the progress bar (closed whatever ends the loop) and Local SGD's no_sync."""
-        bar = dict(total=total_steps, initial=self.first_step, disable=not self.accelerator.is_main_process)
+        """Around the loop: the progress bar (closed whatever ends the loop) and Local SGD's no_sync. The bar is drawn
+        on a terminal only: in a log file the log lines say how far the run is."""
+        bar = dict(
+            total=total_steps, initial=self.first_step, disable=True if not self.accelerator.is_main_process else None
+        )
         with tqdm(**bar, desc="train", mininterval=1.0, dynamic_ncols=True) as self.progress, self.local_sgd:
             yield self.progress
 
@@ -1125,9 +1189,11 @@ class Run:
     def evaluation(self):
         """Around an evaluation: its time is left out of the throughput, and under Local SGD the replicas are
         averaged first (one model to evaluate)."""
+        self.progress.set_description("eval")  # (at the last step the bar is full, and evaluation still to come)
         with self.meter.paused("eval"):
             self.local_sgd.average()
             yield
+        self.progress.set_description("train")
 
     def save(self, step: int, state: dict | None = None, epoch_end: bool = False) -> None:
         """After every step but the last: a checkpoint when one is due (--checkpointing_steps); after a signal, every

@@ -170,7 +170,9 @@ def build_tokenizer(spec: str, text: Callable):
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-        trainer = trainers.BpeTrainer(vocab_size=int(size), special_tokens=[EOS], initial_alphabet=alphabet)
+        trainer = trainers.BpeTrainer(  # (its progress bars print only blank lines into a log file)
+            vocab_size=int(size), special_tokens=[EOS], initial_alphabet=alphabet, show_progress=False
+        )
         tokenizer.train_from_iterator((chunk for piece in text() for chunk in chunks(piece)), trainer)
         return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS)
     if spec not in ("char", "byte"):
@@ -350,7 +352,7 @@ def tokenize_corpus(args, folder: Path) -> dict:
         if batches is None:
             continue
         tokens, marks[name] = TokenFile(folder / f"{name}.bin", tokenizer, spec, dtype), [(0, 0)]
-        with tqdm(desc=f"tokenizing {name}", unit="B", unit_scale=True, mininterval=2.0) as progress:
+        with tqdm(desc=f"tokenizing {name}", unit="B", unit_scale=True, mininterval=2.0, disable=None) as progress:
             for batch in batches():
                 tokens.write(batch)
                 progress.update(tokens.bytes - marks[name][-1][1])

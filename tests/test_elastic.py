@@ -46,7 +46,9 @@ def assert_same_run(resumed: Path, whole: Path) -> None:
     assert sorted(logged) == sorted(reference) and max(logged) == max(step for step, _ in losses(whole))
     assert [logged[s] for s in sorted(logged)] == pytest.approx([reference[s] for s in sorted(logged)], rel=1e-5)
     results = [json.loads((d / "all_results.json").read_text()) for d in (resumed, whole)]
-    assert results[0]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-5)
+    # The validation set is eval_iters global batches of windows: the same windows on any layout, whatever the
+    # per-device eval batch (the resumed runs below use 3, which does not divide the 16 windows evenly).
+    assert abs(results[0]["eval_loss"] - results[1]["eval_loss"]) <= 1e-6
 
 
 @pytest.mark.slow
@@ -59,12 +61,15 @@ def test_gpt_checkpoint_of_two_processes_resumes_on_one_and_one_on_two(tmp_path,
     fewer = tmp_path / "fewer"
     reset_accelerate_state()
     capsys.readouterr()
-    load_recipe("gpt_pretrain").main(gpt(fewer, token_cache, "--resume_from_checkpoint", str(checkpoint_of_two)))
+    load_recipe("gpt_pretrain").main(
+        gpt(fewer, token_cache, "--resume_from_checkpoint", str(checkpoint_of_two), "--per_device_eval_batch_size", "3")
+    )
     reset_accelerate_state()
     output = " ".join(capsys.readouterr().out.split())
     assert "written by 4 per device x 2 process(es) x 1 accumulation; resuming on 4 per device x 1 process(es) x 2" in (
         output
     )
+    assert "random numbers" not in output  # dropout is off: nothing to say about its stream
     assert_same_run(fewer, two)
 
     # More processes: 1 -> 2. The one-process run's checkpoint, written in this process.
@@ -74,7 +79,8 @@ def test_gpt_checkpoint_of_two_processes_resumes_on_one_and_one_on_two(tmp_path,
     reset_accelerate_state()
     more = tmp_path / "more"
     checkpoint_of_one = one / "checkpoints" / f"step-{CHECKPOINT:07d}"
-    run("gpt-pretrain", 2, gpt(more, token_cache, "--resume_from_checkpoint", str(checkpoint_of_one)))
+    run("gpt-pretrain", 2, gpt(more, token_cache, "--resume_from_checkpoint", str(checkpoint_of_one),
+                               "--per_device_eval_batch_size", "3"))  # fmt: skip
     assert_same_run(more, two)
     assert_same_run(one, two)  # (and the uninterrupted runs agree: K processes at B = 1 process at K x B)
 
@@ -95,7 +101,7 @@ def test_gpt_resume_with_dropout_on_another_layout_continues_and_says_the_random
     results = recipe.main(other)
     out = " ".join(capsys.readouterr().out.split())
     assert "resuming on 2 per device x 1 process(es) x 4 accumulation" in out
-    assert "Random numbers (dropout) continue from a new stream" in out
+    assert "random numbers (dropout) continue from a new stream" in out
     assert results["optimizer_steps"] == STEPS and results["gradient_accumulation_steps"] == 4
     assert [step for step, _ in losses(tmp_path / "other")] == list(range(CHECKPOINT + 1, STEPS + 1))
     lr = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "other") if "lr" in r}

@@ -59,7 +59,7 @@ def test_nonfinite_gradient_stops_the_run_and_keeps_the_last_good_checkpoint(tmp
 
 
 @pytest.mark.parametrize("recipe", ["gpt_pretrain", "glue_bert"])
-def test_nonfinite_steps_are_skipped_up_to_the_limit_and_change_nothing(tmp_path, token_cache, recipe):
+def test_nonfinite_steps_are_skipped_up_to_the_limit_and_change_nothing(tmp_path, token_cache, recipe, capsys):
     out = tmp_path / "run"
     results = load_recipe(recipe).main(exploding_args(recipe, out, token_cache, "--nonfinite_skip_limit", "3"))
     assert results["optimizer_steps"] == 4
@@ -80,6 +80,8 @@ def test_nonfinite_steps_are_skipped_up_to_the_limit_and_change_nothing(tmp_path
         )
     assert exit_info.value.code == 1
     assert not (tmp_path / "limited" / "model.safetensors").exists()
+    [error] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "all 1 skips that --nonfinite_skip_limit allows are used up" in error  # not "allow skips with ..."
 
 
 class RunsCode:
@@ -133,3 +135,41 @@ def test_a_model_with_its_own_code_is_not_run_without_trust_remote_code(tmp_path
     assert exit_info.value.code == 2
     assert "cannot load model" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_worker_killed_with_sigkill_gives_137_and_one_line_naming_it(tmp_path, token_cache, processes):
+    """kill -9 of the last rank (what the out-of-memory killer does), through accel-dp run: exit status 137 on any
+    number of processes, one line naming the killed rank; with 2, the survivor's own line follows."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from conftest import free_port, subprocess_env
+
+    args = gpt_args(tmp_path / "run", token_cache, "--max_train_steps", "100000", "--log_every", "1")
+    command = [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--procs", str(processes),
+               "--main-port", str(free_port()), "--", *args]  # fmt: skip
+    run = subprocess.Popen(command, env=subprocess_env(OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").is_file():
+            assert run.poll() is None and time.monotonic() < deadline, "no training within 120 s"
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(run.pid).children(recursive=True) if "gpt_pretrain.py" in p.cmdline()[1:2]
+                   or any(a.endswith("gpt_pretrain.py") for a in p.cmdline()[:3])]  # fmt: skip
+        [victim] = [p for p in workers if p.environ().get("RANK", "0") == str(processes - 1)]
+        victim.send_signal(signal.SIGKILL)
+        _, stderr = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 137, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors[0].startswith(f"error: rank {processes - 1} was killed by SIGKILL"), stderr[-3000:]
+    assert sum("was killed" in line for line in errors) == 1 and "Traceback" not in stderr
+    if processes == 2:
+        assert any("rank 0: lost contact with rank 1" in line for line in errors[1:]), stderr[-3000:]

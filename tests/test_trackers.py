@@ -117,7 +117,7 @@ def test_two_processes_make_one_tracker_run(tmp_path, token_cache):
     assert len(list(out.rglob("offline-run-*"))) == 1
     # accelerate's logger: one copy of each message, from rank 0, not one per process
     assert result.stdout.count("gpt-pretrain: final val loss") == 1 and result.stdout.count("val loss") == 3
-    assert "[RANK 0]" in result.stdout and "[RANK 1]" not in result.stdout + result.stderr
+    assert "[rank 0]" in result.stdout and "[rank 1]" not in result.stdout + result.stderr
 
 
 def test_wandb_without_login_or_offline_mode_says_what_to_do_and_writes_nothing(
