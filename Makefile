@@ -4,7 +4,7 @@ TORCH_VERSION ?= 2.13.0
 # Tests never touch the network: the Hugging Face Hub is unreachable on CI and stalls for ~50 s per call.
 TEST_ENV = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test lint bench
+.PHONY: install test test-faults lint bench
 # nanoGPT's benchmark runs nanoGPT's own train.py beside the recipe: a checkout, prepared (benchmarks/nanogpt_cpu.py).
 NANOGPT_DIR ?= ../nanoGPT
 
@@ -17,6 +17,10 @@ install:
 # reference run are kept on one worker (xdist_group).
 test:
 	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup tests
+
+# The fault matrix: Ctrl-C, SIGTERM and SIGKILL at every phase of a run, on 1 and 2 processes (tests/test_faults.py).
+test-faults:
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m faults tests
 
 lint:
 	$(PYTHON) -m ruff check accel_dp recipes tests benchmarks

@@ -9,11 +9,12 @@
 - Each distinct error line of the processes is printed once: the recipes' run kit writes it into the folder named by
   ACCEL_DP_ERROR_DIR rather than to the terminal. No launcher traceback buries it; a launcher that fails on its own
   (a bad option, a rendezvous that never completes) keeps its output.
-- SIGTERM and SIGUSR1 (preemption, Slurm's --signal) reach every process at once as SIGTERM, and this process
-  returns only after they have exited. accelerate's one-process launcher forwards no signal, so this runner signals
-  its children itself; torch's elastic agent runs off the main thread, where it installs no signal handlers of its
-  own. The processes then checkpoint together (a collective save) and exit; once the first has, torch's agent gives
-  the others 30 s before it kills them, far more than they need to leave the save's last barrier.
+- SIGTERM and SIGUSR1 (preemption, Slurm's --signal) reach every process at once as SIGTERM, and Ctrl-C (SIGINT) as
+  SIGINT; this process returns only after they have exited (75 after a preemption, 130 after Ctrl-C). accelerate's
+  one-process launcher forwards no signal, so this runner signals its children itself; torch's elastic agent runs
+  off the main thread, where it installs no signal handlers of its own. The processes then checkpoint together (a
+  collective save) and exit; once the first has, torch's agent gives the others 30 s before it kills them, far
+  more than they need to leave the save's last barrier.
 """
 
 from __future__ import annotations
@@ -120,16 +121,26 @@ def run(launch_args: list[str], env: dict[str, str] | None = None) -> int:
             except psutil.NoSuchProcess:
                 pass
 
+    def interrupt(signum, frame) -> None:
+        """Ctrl-C: the processes stop as after a preemption (a checkpoint if the run makes them, exit 130), and a
+        second Ctrl-C stops them at once; this process returns once they have all exited. The terminal signalled
+        the processes of this one's process group itself; torch's workers, in sessions of their own, hear it from
+        here."""
+        own_group = os.getpgid(0)
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if os.getpgid(child.pid) != own_group:
+                    child.send_signal(signal.SIGINT)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+
     launcher = threading.Thread(target=launch, name="accelerate-launch", daemon=True)
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)  # (a KeyboardInterrupt here would end the
+    try:  # join below at once: on Python 3.11 an interrupted join marks the thread finished, CPython gh-90882)
         launcher.start()
         while launcher.is_alive():
             launcher.join(0.5)  # returns now and then, so that signals are handled here at once
-    except KeyboardInterrupt:  # Ctrl-C: the processes started in sessions of their own did not see it
-        for child in psutil.Process().children():
-            child.send_signal(signal.SIGINT)
-        launcher.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -28,6 +28,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def recipe_module(name: str):
+    """One of the modules beside the recipes (run_kit, token_cache, glue_data), as the recipes import it."""
+    return importlib.import_module(name)
+
+
 def load_recipe(path: Path | str):
     """A recipe imported from its file as a module (its functions and classes; main() does not run). `path`: a file,
     or a recipe's name in recipes/ (gpt_pretrain, glue_bert)."""

@@ -49,12 +49,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import glue_data  # noqa: E402  (beside the recipes: common put them on the path)
 import numpy as np  # noqa: E402
-import run_kit  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import load_recipe, warn_if_busy
+from common import load_recipe, recipe_module, warn_if_busy
+
+glue_data, run_kit = recipe_module("glue_data"), recipe_module("run_kit")  # the modules beside the recipes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.03

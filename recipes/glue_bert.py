@@ -448,6 +448,7 @@ def main(argv: list[str] | None = None) -> dict:
     layout = EpochLayout(len(tokenized["train"]), args.per_device_train_batch_size, n, accumulation)
     max_train_steps = args.max_train_steps or args.num_train_epochs * layout.steps
     num_epochs = math.ceil(max_train_steps / layout.steps)
+    run.check_steps(max_train_steps)  # a checkpoint at or past the end: refused
     optimizer, lr_scheduler, warmup = optimizer_and_schedule(args, model, max_train_steps)
     flops_per_token = FlopsPerToken.of(model)
     with accelerator.main_process_first():  # one process copies the module into evaluate's cache, the others reuse it

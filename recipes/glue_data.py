@@ -49,7 +49,9 @@ def normalize_labels(task: str, raw: list, where: str) -> list:
     names = TASKS[task]["labels"]
     out = []
     for i, value in enumerate(raw):
-        text = str(value).strip()
+        text = "" if value is None else str(value).strip()
+        if text in ("", "nan"):  # (pandas reads an empty CSV cell as NaN)
+            fail(f"{where}: example {i}: the label is empty")
         if names is None:  # regression
             try:
                 score = float(text)
@@ -111,6 +113,24 @@ def read_glue_tsv(task: str, path: Path) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns)
 
 
+def read_tsv_table(path: str) -> datasets.Dataset:
+    """A tab-separated file with a header line, read as GLUE writes its files: quoting off (sentences start with and
+    hold unbalanced quotes). A row with another number of fields than the header, or an empty label, is refused
+    with its file and line."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        fail(f"{path} is empty")
+    header, label = rows[0], rows[0].index("label") if "label" in rows[0] else None
+    for line, row in enumerate(rows[1:], start=2):
+        if row and len(row) != len(header):
+            fail(f"{path}:{line}: {len(row)} tab-separated fields, but the header has {len(header)} ({header})")
+        if row and label is not None and not row[label].strip():
+            fail(f"{path}:{line}: the label is empty")
+    body = [row for row in rows[1:] if row]
+    return datasets.Dataset.from_dict({name: [row[i] for row in body] for i, name in enumerate(header)})
+
+
 def from_table(task: str, ds: datasets.Dataset, where: str) -> datasets.Dataset:
     """A CSV/JSON or Hub table: find the task's text columns (or sentence1/sentence2) and check the labels."""
     text = TASKS[task]["text"]
@@ -137,12 +157,17 @@ def read_splits(args, accelerator) -> dict:
             if not Path(f).is_file():
                 fail(f"no such file: {f}")
         suffix = Path(args.train_file).suffix.lower()
-        builder = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}.get(suffix)
+        builder = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json"}.get(suffix)
         if builder is None:
             fail(f"--train_file must end in .csv, .tsv, .json or .jsonl, got '{suffix}'")
-        kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        if builder == "tsv":  # as GLUE writes them: no quoting (the csv builder's pandas would pair up quotes)
+            return {split: from_table(task, read_tsv_table(files[split]), files[split]) for split in files}
         with accelerator.main_process_first():  # the first process builds the cache, the others reuse it
-            raw = datasets.load_dataset(builder, data_files=files, **kwargs)
+            try:
+                raw = datasets.load_dataset(builder, data_files=files)
+            except Exception as e:  # a row with missing or extra fields: the parser's words name the line
+                cause = e.__cause__ or e
+                fail(f"{args.train_file} or {args.validation_file}: {str(cause).strip().splitlines()[-1][:200]}")
         return {split: from_table(task, raw[split], files[split]) for split in files}
     data_dir = Path(args.data_dir) if args.data_dir else bundled
     if args.data_dir or (bundled.is_dir() and not args.from_hub):

@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     run = Run(RECIPE, args, unit="tokens")  # launch checks, the Accelerator, the output folder, the checkpoint
     accelerator, accumulation = run.accelerator, run.accumulation
+    run.check_steps(args.max_train_steps)  # a checkpoint at or past the end: refused
 
     # ------------------------------------------------------------------------------------------------------- data
     cache_entry, meta = prepare_token_cache(args, builds=accelerator.is_local_main_process)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -30,7 +31,9 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
+import traceback
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import NamedTuple, NoReturn
@@ -55,6 +58,7 @@ from tqdm.auto import tqdm
 PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL, "try again": a checkpoint was written; rerun to resume
 FAILED_EXIT_CODE = 1  # stopped during training (a lost process, a NaN): nothing was overwritten
 BAD_INPUT_EXIT_CODE = 2  # refused before any work: nothing was written
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (128 + SIGINT, as a shell reports it): a checkpoint if the run makes them
 CHECKPOINT_FORMAT = 2  # training_state.json's layout; older checkpoints are refused with a message
 ERROR_DIR_VARIABLE = "ACCEL_DP_ERROR_DIR"  # set by `accel-dp run`, which prints each process's error line once
 
@@ -530,13 +534,16 @@ class Checkpointer:
             fail(problems[0])
         return state
 
-    def _check_files(self, path: Path, files: dict[str, int]) -> None:
-        """Every file save_state wrote is there at its size; pickles load with weights_only (one holding code is
-        refused, never run), safetensors headers parse. FSDP's and DeepSpeed's shards are checked by size."""
-        for name, size in files.items():
-            file = path / name
+    def _check_files(self, path: Path, files: dict[str, list | int]) -> None:
+        """Every file save_state wrote is there at its size and with its SHA-256 (a checkpoint written before the
+        checksums holds sizes only); pickles load with weights_only (one holding code is refused, never run),
+        safetensors headers parse."""
+        for name, written in files.items():
+            file, (size, digest) = path / name, written if isinstance(written, list) else (written, None)
             if not file.is_file() or file.stat().st_size != size:
                 raise OSError(f"{name} is missing or has another size than was written")
+            if digest and sha256_of(file) != digest:
+                raise OSError(f"{name} has changed since it was written (its SHA-256 differs)")
             if file.suffix in (".bin", ".pkl") and not name.startswith("random_states_"):
                 load(file, map_location="cpu")
             elif file.suffix == ".safetensors":
@@ -623,6 +630,26 @@ class Checkpointer:
         logger.info(f"{self.recipe}: resumed from {path} at step {step}")
         return self.state["recipe"]
 
+    def _failed_save(self, staging: Path, final: Path, error: Exception) -> NoReturn:
+        """Remove what the save wrote (the previous checkpoint and `latest` are untouched), and say why it failed:
+        the space a checkpoint takes (the last one's size, or the model's) against the space there is."""
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = self.root / self.last_complete() if self.last_complete() else None
+        size = sum(p.stat().st_size for p in previous.rglob("*") if p.is_file()) if previous else 0
+        size = size or 12 * sum(p.numel() for p in self.tracked["local_sgd"].model.parameters())
+        free = shutil.disk_usage(self.root).free
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        stop(
+            f"could not write checkpoint {final} ({first}): it takes about {size / 2**30:.2f} GiB, and "
+            f"{free / 2**30:.2f} GiB are free on its file system. The partial checkpoint was removed and the last "
+            f"whole one kept ({previous.name if previous else 'none yet'}): free some space, then resume with "
+            "--resume_from_checkpoint latest"
+        )
+
+    def last_complete(self) -> str | None:
+        pointer = self.root / "latest"
+        return pointer.read_text().strip() if pointer.is_file() else None
+
     def _point_latest_to(self, checkpoint: Path) -> None:
         (self.root / "latest.partial").write_text(checkpoint.name)
         os.replace(self.root / "latest.partial", self.root / "latest")  # atomic: latest names a whole checkpoint
@@ -649,14 +676,21 @@ class Checkpointer:
             if accelerator.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that was killed
             accelerator.wait_for_everyone()
-            accelerator.save_state(str(staging))  # every process writes its own RNG state
+            try:
+                accelerator.save_state(str(staging))  # every process writes its own RNG state
+            except Exception as error:  # a full disk shows as torch's "unexpected pos ..." as often as ENOSPC
+                self._failed_save(staging, final, error)
             if local_sgd.enabled:  # each replica's optimizer moments (save_state keeps rank 0's only)
                 torch.save(
                     self.tracked["optimizer"].state_dict(), staging / f"optimizer_rank_{accelerator.process_index}.bin"
                 )
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                files = {str(p.relative_to(staging)): p.stat().st_size for p in staging.rglob("*") if p.is_file()}
+                files = {
+                    str(p.relative_to(staging)): [p.stat().st_size, sha256_of(p)]
+                    for p in staging.rglob("*")
+                    if p.is_file()
+                }
                 recipe_state = {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in (state or {}).items()}
                 (staging / "training_state.json").write_text(
                     json.dumps(
@@ -690,16 +724,20 @@ class Checkpointer:
 
 class Guard:
     """Ends a run cleanly. SIGTERM (preemption; torchrun passes it to every rank) and SIGUSR1 (Slurm's --signal) set
-    accelerate's trigger: at the next log step every process checkpoints, then exits 75. A step whose gradient norm
-    is NaN or inf is skipped, up to --nonfinite_skip_limit; the next stops the run before anything is written."""
+    accelerate's trigger: at the next log step every process checkpoints, then exits 75. Ctrl-C (SIGINT) does the
+    same, with a checkpoint only if the run makes them (--checkpointing_steps), and exits 130; a second Ctrl-C stops
+    at once. A step whose gradient norm is NaN or inf is skipped, up to --nonfinite_skip_limit; the next stops the
+    run before anything is written."""
 
     def __init__(self, accelerator: Accelerator, args: argparse.Namespace, log: RunLog, recipe: str):
         self.accelerator, self.args, self.log, self.recipe = accelerator, args, log, recipe
         self.signal, self.skipped_steps = None, 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal == "SIGINT":
+            raise KeyboardInterrupt  # the second Ctrl-C: now (run_failing_fast reports it)
         self.signal = signal.Signals(signum).name
         self.accelerator.set_trigger()
 
@@ -730,14 +768,17 @@ class Guard:
         percent): after a signal on any process, every process checkpoints, then exits 75."""
         if step % self.args.log_every or not self.accelerator.check_trigger():
             return
-        checkpointer.save(step, state, force=True)
-        logger.info(
-            f"{self.recipe}: preempted ({self.signal or 'a signal to another rank'}) at step {step}: checkpoint "
-            f"written, exit status {PREEMPTED_EXIT_CODE}; run the same command with --resume_from_checkpoint latest "
-            "to continue"
-        )
+        interrupted = self.signal == "SIGINT"
+        if interrupted and self.args.checkpointing_steps is None:
+            saved = "no checkpoint (the run makes none: --checkpointing_steps)"
+        else:
+            checkpointer.save(step, state, force=True)
+            saved = "checkpoint written; run the same command with --resume_from_checkpoint latest to continue"
+        code = INTERRUPTED_EXIT_CODE if interrupted else PREEMPTED_EXIT_CODE
+        what = "interrupted (Ctrl-C)" if interrupted else f"preempted ({self.signal or 'a signal to another rank'})"
+        logger.info(f"{self.recipe}: {what} at step {step}: {saved}; exit status {code}")
         self.accelerator.end_training()
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+        raise SystemExit(code)
 
 
 # Errors of a collective whose peer is gone. gloo raises a plain RuntimeError (no DistError subclass; checked with
@@ -750,12 +791,24 @@ def run_failing_fast(entry, recipe: str) -> None:
     --ddp_timeout. Name the lost rank in one line and exit at once, rather than hang or print a wall of C++."""
     try:
         entry()
+    except KeyboardInterrupt:  # Ctrl-C before training began (the token cache, the model), or a second one
+        exit_with_error("interrupted (Ctrl-C): stopped at once; nothing half-written was kept", INTERRUPTED_EXIT_CODE)
     except Exception as error:
         dist, text = torch.distributed, str(error)
         lost_peer = isinstance(error, dist.DistError) or any(s in text for s in LOST_PEER_ERRORS)
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and lost_peer):
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not several:
             raise
         rank, world = dist.get_rank(), dist.get_world_size()
+        if not lost_peer:  # this process's own failure: say it, so that its peers' "lost contact" is not all we see
+            first = (text.strip().splitlines() or [""])[0][:300]
+            report_error(f"rank {rank}: {type(error).__name__}: {first}")
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(FAILED_EXIT_CODE)
+        if peer_said_why(rank):  # a peer stopped with a line of its own (bad input, a crash): that line tells it
+            sys.stderr.flush()
+            os._exit(FAILED_EXIT_CODE)
         try:  # the survivors check in with the launcher's rendezvous store; whoever does not is lost
             store = dist.TCPStore(
                 os.environ["MASTER_ADDR"],
@@ -777,6 +830,19 @@ def run_failing_fast(entry, recipe: str) -> None:
         )
         sys.stderr.flush()
         os._exit(FAILED_EXIT_CODE)  # skip teardown: destroying a process group with a dead peer can hang
+
+
+def peer_said_why(rank: int, wait_s: float = 3.0) -> bool:
+    """Whether another process has written its error line (under accel-dp run), waiting a moment for it."""
+    error_dir = os.environ.get(ERROR_DIR_VARIABLE)
+    deadline = time.monotonic() + wait_s
+    while error_dir and os.path.isdir(error_dir):
+        if any(p.name != f"rank-{rank}" for p in Path(error_dir).glob("rank-*")):
+            return True
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------- meter
@@ -1120,6 +1186,17 @@ class Run:
         self.output_dir = output_folder(args, self.accelerator, default_name or recipe)
         self.checkpointer = Checkpointer(self.accelerator, args, self.output_dir, recipe)
         self.first_step = self.checkpointer.resumed_step or 0
+        self.early_signal = None  # a preemption while the data and the model are prepared (Guard takes over later)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, lambda signum, frame: setattr(self, "early_signal", signal.Signals(signum).name))
+
+    def check_steps(self, max_train_steps: int) -> None:
+        """A checkpoint at or past the last step has nothing left to train: refused, not reported as a success."""
+        if self.first_step >= max_train_steps:
+            fail(
+                f"{self.checkpointer.resume_from} is at step {self.first_step}, and the run ends at step "
+                f"{max_train_steps}: nothing to train; raise --max_train_steps (or --num_train_epochs) to go on"
+            )
 
     @property
     def accumulation(self) -> int:
@@ -1143,6 +1220,16 @@ class Run:
         resuming) restored into the prepared objects. Returns the recipe's own saved state ({} on a fresh start)."""
         accelerator, args = self.accelerator, self.args
         self.lr_scheduler = lr_scheduler
+        check_disk(accelerator, self.output_dir, model, checkpoints=args.checkpointing_steps is not None)
+        if self.early_signal:
+            accelerator.set_trigger()
+        if accelerator.check_trigger():  # preempted before the first step: nothing to save yet
+            logger.info(
+                f"{self.recipe}: preempted ({self.early_signal or 'a signal to another rank'}) before training "
+                f"began: nothing to save; exit status {PREEMPTED_EXIT_CODE}, run the same command again"
+            )
+            accelerator.end_training()
+            raise SystemExit(PREEMPTED_EXIT_CODE)
         self.log = RunLog(accelerator, args, self.output_dir, self.checkpointer.resumed_step)
         self.meter = Meter(accelerator, self.unit, self.start_time)
         self.guard = Guard(accelerator, args, self.log, self.recipe)
@@ -1212,6 +1299,40 @@ class Run:
                 (self.output_dir / name).write_text(json.dumps(finite_or_null(content), indent=2) + "\n")
         self.accelerator.end_training()
         return results
+
+
+def check_disk(accelerator: Accelerator, output_dir: Path, model, checkpoints: bool) -> None:
+    """Before the first step, on every process: the output folder can be written, and its file system has room for
+    the final model and, if the run makes them, a checkpoint (fp32 weights and AdamW's two moments, 12 bytes per
+    parameter, shared out under FSDP or DeepSpeed). Every process decides alike."""
+    existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
+    parameters = sum(p.numel() for p in model.parameters())
+    shards = accelerator.num_processes if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED") else 1
+    need = 4 * parameters + (12 * parameters / shards if checkpoints else 0)
+    problem = None
+    try:  # (os.access says yes to root, also on a read-only file system's folder)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        problem = f"--output_dir {output_dir}: {existing} cannot be written to ({e.strerror}): choose another folder"
+    if problem is None and (free := shutil.disk_usage(existing).free) < need:
+        problem = (
+            f"--output_dir {output_dir}: the model{' and a checkpoint' if checkpoints else ''} need about "
+            f"{need / 2**30:.2f} GiB, and its file system has {free / 2**30:.2f} GiB free: free some space or choose "
+            "another folder"
+        )
+    problems = [p for p in gather_object([problem]) if p]
+    if problems:
+        fail(problems[0])
+
+
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256, read a MiB at a time (about 1 s per GB: docs/benchmarks.md)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def finite_or_null(value):

@@ -30,12 +30,16 @@ from pathlib import Path
 import numpy as np
 import psutil
 from accelerate import PartialState
-from run_kit import FAILED_EXIT_CODE, fail, logger
+from run_kit import BAD_INPUT_EXIT_CODE, FAILED_EXIT_CODE, INTERRUPTED_EXIT_CODE, fail, logger
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 # Resolved next to this file, so it works from the repository and from an installed accel-dp alike.
 BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare" / "input.txt"
+
+
+class BadCorpus(Exception):
+    """Bad data met while building an entry: the build cleans up, writes its failure marker, then fails with it."""
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +69,8 @@ def tokenizer_spec(args: argparse.Namespace) -> str:
 CACHE_FORMAT_VERSION = 3
 PIECE_BYTES = 8 * 2**20  # text read, tokenized and written at a time: it bounds the memory, not the corpus
 CHUNK_CHARS = 2**14  # text per item given to the Rust tokenizer (see chunks)
+HEARTBEAT_S, STALE_AFTER_S = 10, 60  # a builder touches its lock this often; one silent this long is gone
+ABANDONED_AFTER_S = 300  # a process waiting on an entry that nobody builds gives up after this
 EOS = "<|endoftext|>"  # the document separator of a BPE trained here (GPT-2's name for it)
 # A corpus is read as batches of items: a piece of text, or None where a document ends (EOS, if the tokenizer has one).
 
@@ -88,14 +94,15 @@ def file_batches(paths: list[str]) -> Iterator[list[str | None]]:
                     piece = block[:cut].decode("utf-8")
                 except UnicodeDecodeError as err:
                     at = offset + err.start
-                    fail(f"{path} is not UTF-8 text (byte {at}): convert it, e.g. `iconv -t UTF-8 {path}`")
+                    message = f"{path} is not UTF-8 text (byte {at}): convert it, e.g. `iconv -t UTF-8 {path}`"
+                    raise BadCorpus(message) from None
                 seen_text = seen_text or bool(piece.strip())
                 yield [piece]
                 offset, rest = offset + cut, block[cut:]
                 if final:
                     break
         if not seen_text:
-            fail(f"data file is empty: {path}")
+            raise BadCorpus(f"data file is empty: {path}")
         yield [None]
 
 
@@ -118,7 +125,9 @@ def dataset_batches(args, split: str) -> Iterator[list[str | None]]:
 
     for batch in load_dataset(args.dataset_name, args.dataset_config_name, split=split, streaming=True).iter(1024):
         if args.text_column not in batch:
-            fail(f"dataset has no column {args.text_column!r}; choose one of {sorted(batch)} with --text_column")
+            raise BadCorpus(
+                f"dataset has no column {args.text_column!r}; choose one of {sorted(batch)} with --text_column"
+            )
         yield [item for text in batch[args.text_column] if text for item in (text, None)]
 
 
@@ -133,9 +142,10 @@ def corpus(args) -> tuple[Callable, Callable | None]:
     try:
         splits = get_dataset_split_names(args.dataset_name, args.dataset_config_name)
     except Exception as e:
-        fail(f"cannot open dataset {args.dataset_name}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BadCorpus(f"cannot open dataset {args.dataset_name}: {first}") from None
     if "train" not in splits:
-        fail(f"dataset {args.dataset_name} has no 'train' split (it has {splits})")
+        raise BadCorpus(f"dataset {args.dataset_name} has no 'train' split (it has {splits})")
     held_out = next((s for s in ("validation", "test") if s in splits), None)
     return (lambda: dataset_batches(args, "train")), ((lambda: dataset_batches(args, held_out)) if held_out else None)
 
@@ -145,12 +155,15 @@ def text_of(batches: Iterator[list[str | None]]) -> Iterator[str]:
 
 
 def chunks(text: str) -> Iterator[str]:
-    """The text in items of about CHUNK_CHARS characters, each cut after a newline where there is one. The Rust
-    tokenizer spreads a batch's items over every core, and its trainer buffers 256 items: small ones keep both
-    the cores busy and the memory small (8 MB pieces held 2 GB in the trainer's buffer)."""
+    """The text in items of CHUNK_CHARS to 2 x CHUNK_CHARS characters: cut after a newline where there is one, else
+    after a space, else (text without either) at 2 x CHUNK_CHARS. The Rust tokenizer spreads a batch's items over
+    every core, and its trainer buffers 256 items: small ones keep both the cores busy and the memory small (8 MB
+    pieces held 2 GB in the trainer's buffer; one 20 MB line, cut only at newlines, 2.9 GB)."""
     start = 0
     while start < len(text):
-        end = text.find("\n", start + CHUNK_CHARS) + 1 or len(text)
+        limit = start + 2 * CHUNK_CHARS
+        end = text.find("\n", start + CHUNK_CHARS, limit) + 1 or text.find(" ", start + CHUNK_CHARS, limit) + 1
+        end = end or min(limit, len(text))
         yield text[start:end]
         start = end
 
@@ -165,7 +178,7 @@ def build_tokenizer(spec: str, text: Callable):
     if spec.startswith("bpe:"):
         size = spec.removeprefix("bpe:")
         if not size.isdigit() or int(size) <= 256:
-            fail(f"--tokenizer {spec}: give a vocabulary size above the 256 bytes, e.g. bpe:8192")
+            raise BadCorpus(f"--tokenizer {spec}: give a vocabulary size above the 256 bytes, e.g. bpe:8192")
         tokenizer = Tokenizer(models.BPE())
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
@@ -239,6 +252,11 @@ def token_cache_key(args) -> tuple[str, dict]:
         data = {}
         for split, paths in (("train", args.train_file or [str(BUNDLED_CORPUS)]), ("validation", args.validation_file)):
             for path in paths or []:
+                if os.path.isdir(path):
+                    fail(
+                        f"{path} is a folder: give the text files in it (--train_file {path}/*.txt), or "
+                        f"--dataset_name {path} for a folder of text, JSON Lines or Parquet files"
+                    )
                 if not os.path.isfile(path):
                     fail(f"data file not found: {path} (check --train_file / --validation_file)")
             data[split] = [[os.path.abspath(p), os.path.getsize(p), os.path.getmtime(p)] for p in paths or []]
@@ -271,33 +289,53 @@ def prepare_token_cache(args, builds: bool) -> tuple[Path, dict]:
     key, source = token_cache_key(args)
     root = Path(args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "accel-dp", "tokens"))
     entry, started, next_note = root / key, time.time(), time.time() + 30
+    lock, unbuilt_since = root / f"{key}.lock", time.time()
     while not (entry / "meta.json").is_file():
-        if builds and claim(root / f"{key}.lock"):
+        if builds and claim(lock):
             build_token_cache(args, source, root, key)
             continue
         failed = root / f"{key}.failed"
         if failed.is_file() and failed.stat().st_mtime >= started:  # the builder has said why; leave as it did
             raise SystemExit(int(failed.read_text() or FAILED_EXIT_CODE))
+        builder = lock_holder(lock)
+        if builder is not None and not builder[1]:  # a live builder's heartbeat: wait as long as it works
+            unbuilt_since = time.time()
+        elif time.time() - unbuilt_since > ABANDONED_AFTER_S:
+            fail(
+                f"no process has built the token cache {entry} for {ABANDONED_AFTER_S} s (lock {lock}: "
+                f"{'none' if builder is None else 'stale, from ' + builder[0]}): build it first with "
+                "`accel-dp prepare gpt-pretrain -- <the same data flags>`, or remove the lock if its builder is gone"
+            )
         if time.time() > next_note:
             written = sum(p.stat().st_size for p in root.glob(f"{key}.tmp-*/*.bin"))
-            logger.info(f"waiting for the token cache {entry}: {written / 2**20:,.0f} MiB written so far")
+            holder = "no builder yet" if builder is None else f"builder {builder[0]}"
+            logger.info(
+                f"waiting {time.time() - started:,.0f} s for the token cache {entry} (lock {lock}, {holder}): "
+                f"{written / 2**20:,.0f} MiB written so far"
+            )
             next_note += 30
         time.sleep(0.5)
     return entry, json.loads((entry / "meta.json").read_text())
 
 
-def claim(lock: Path) -> bool:
-    """Take a cache entry's lock file: a new one, or one left by a builder that is gone: a process of this machine
-    that no longer runs, or one of another machine that has not beaten (touched it) for a minute."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
+def lock_holder(lock: Path) -> tuple[str, bool] | None:
+    """(host:pid of the builder that holds the lock, whether it is gone), or None without a lock. A builder beats
+    (touches its lock) every HEARTBEAT_S: one that has not for STALE_AFTER_S is gone, whatever its pid says (after a
+    restart, another process may hold that pid); so is a process of this machine that no longer runs."""
     try:
-        host, pid = lock.read_text().split(":")
-        gone = (
-            not psutil.pid_exists(int(pid)) if host == socket.gethostname() else time.time() - lock.stat().st_mtime > 60
-        )
-    except (OSError, ValueError):  # no lock, or one being written (a second later, it is whole)
-        gone = lock.exists() and time.time() - lock.stat().st_mtime > 60
-    if gone:
+        holder, age = lock.read_text(), time.time() - lock.stat().st_mtime
+    except OSError:
+        return None
+    host, _, pid = holder.partition(":")
+    gone = age > STALE_AFTER_S or (host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid)))
+    return holder or "a builder still writing its lock", gone
+
+
+def claim(lock: Path) -> bool:
+    """Take a cache entry's lock file: a new one, or one whose builder is gone (lock_holder)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = lock_holder(lock)
+    if holder is not None and holder[1]:
         lock.unlink(missing_ok=True)
         for staging in lock.parent.glob(f"{lock.stem}.tmp-*"):  # what the builder that is gone left half-written
             shutil.rmtree(staging, ignore_errors=True)
@@ -316,7 +354,7 @@ def build_token_cache(args, source: dict, root: Path, key: str) -> None:
     done = threading.Event()
 
     def heartbeat() -> None:
-        while not done.wait(10):
+        while not done.wait(HEARTBEAT_S):
             lock.touch()
 
     threading.Thread(target=heartbeat, daemon=True).start()
@@ -329,10 +367,15 @@ def build_token_cache(args, source: dict, root: Path, key: str) -> None:
             staging.rename(root / key)
         except OSError:  # another machine sharing this file system finished first: use its entry
             shutil.rmtree(staging, ignore_errors=True)
-    except BaseException as error:  # bad data, or a kill: no half-written entry; the waiting processes learn why
+    except BaseException as error:  # bad data, Ctrl-C or a kill: no half-written entry; the waiting ones learn why
         shutil.rmtree(staging, ignore_errors=True)
         code = error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else FAILED_EXIT_CODE
+        code = {BadCorpus: BAD_INPUT_EXIT_CODE, KeyboardInterrupt: INTERRUPTED_EXIT_CODE}.get(type(error), code)
         (root / f"{key}.failed").write_text(str(code))
+        if isinstance(error, BadCorpus):
+            done.set()
+            lock.unlink(missing_ok=True)
+            fail(str(error))
         raise
     finally:
         done.set()

@@ -29,6 +29,9 @@ RECIPES_DIR = REPO_ROOT / "recipes"
 CONFIGS_DIR = REPO_ROOT / "accelerate_configs"
 DATA_DIR = REPO_ROOT / "data"
 SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"
+# This checkout's accel_dp, whatever else is installed (a bare `pytest` puts only tests/ on the path; the CLI
+# subprocesses get the same through subprocess_env's PYTHONPATH).
+sys.path.insert(0, str(REPO_ROOT))
 # The recipes import their modules (run_kit, token_cache, ...) as siblings, as a script's own folder is on the import
 # path; tests import those modules by the same names, so that both see (and patch) one module object.
 sys.path.insert(0, str(RECIPES_DIR))

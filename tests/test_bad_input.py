@@ -88,6 +88,13 @@ def glue(tmp: Path, *extra: str) -> tuple[str, list[str]]:
     return "glue_bert", glue_small(tmp, *extra)
 
 
+def tsv_files(tmp: Path, train_rows: str) -> list[str]:
+    """--train_file and --validation_file, TSV files with a header as GLUE writes them (no quoting)."""
+    for name, rows in (("train.tsv", train_rows), ("dev.tsv", "A man.\tA guy.\t1\n")):
+        (tmp / name).write_text("sentence1\tsentence2\tlabel\n" + rows)
+    return ["--train_file", str(tmp / "train.tsv"), "--validation_file", str(tmp / "dev.tsv")]
+
+
 def cli(*argv: str) -> tuple[str, list[str]]:
     return "accel-dp", list(argv)
 
@@ -95,6 +102,15 @@ def cli(*argv: str) -> tuple[str, list[str]]:
 def corrupt(checkpoint: Path) -> Path:
     data = (checkpoint / "model.safetensors").read_bytes()
     (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])  # a save cut short
+    return checkpoint
+
+
+def overwritten(checkpoint: Path) -> Path:
+    """Up to 64 KiB of the weights overwritten in place: the file keeps its size, and its header still parses."""
+    with open(checkpoint / "model.safetensors", "r+b") as f:
+        size = f.seek(0, 2)
+        f.seek(size // 2)
+        f.write(b"\xff" * min(2**16, size // 4))
     return checkpoint
 
 
@@ -121,6 +137,8 @@ busy_port.held = []
 CASES = {
     # gpt-pretrain
     "gpt-missing-data-file": lambda t, c: gpt(t, c, "--train_file", str(t / "nope.txt")),
+    "gpt-train-file-is-a-folder": lambda t, c: (
+        (t / "corpus").mkdir(), gpt(t, c, "--train_file", str(t / "corpus")))[1],
     "gpt-empty-data-file": lambda t, c: (
         (t / "empty.txt").write_text(""),
         gpt(t, c, "--train_file", str(t / "empty.txt")),
@@ -139,10 +157,17 @@ CASES = {
     "kit-output-dir-is-file": lambda t, c: (
         (t / "file").write_text("x"), gpt(t, c, "--output_dir", str(t / "file")))[1],
     "kit-resume-missing": lambda t, c: gpt(t, c, "--resume_from_checkpoint", str(t / "nope")),
+    "kit-resume-past-the-end": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(checkpoint_of(t, c)), "--max_train_steps", "1",
+        "--per_device_train_batch_size", "2", "--global_batch_size", "4"),  # its global batch on 1 or 2 processes
+    "kit-output-dir-not-writable": lambda t, c: gpt(t, c, "--output_dir", "/proc/accel-dp/run"),
     "kit-resume-not-a-checkpoint": lambda t, c: (
         (t / "d").mkdir(), gpt(t, c, "--resume_from_checkpoint", str(t / "d")))[1],
     "kit-corrupted-checkpoint": lambda t, c: gpt(
         t, c, "--resume_from_checkpoint", str(corrupt(checkpoint_of(t, c))), "--max_train_steps", "2"
+    ),
+    "kit-checkpoint-changed-contents": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(overwritten(checkpoint_of(t, c))), "--max_train_steps", "2"
     ),
     "kit-checkpoint-other-global-batch": lambda t, c: gpt(
         t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of(t, c), layout={"processes": 3})),
@@ -170,6 +195,8 @@ CASES = {
     "glue-empty-data-file": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "", header=""))),
     "glue-tsv-wrong-columns": lambda t, c: glue(
         t, "--data_dir", str(mrpc_folder(t, "1\ta\tb\n", header="label\tx\ty\n"))),
+    "glue-tsv-row-fields": lambda t, c: glue(t, *tsv_files(t, "A man.\tA guy.\t1\nA dog.\tA\tcat.\t0\n")),
+    "glue-empty-label": lambda t, c: glue(t, *tsv_files(t, '"Quoted," he said.\tA guy.\t1\nA dog.\tA cat.\t\n')),
     "glue-label-out-of-range": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "7\t1\t2\tA man.\tA guy.\n"))),
     "glue-checkpointing-steps-not-a-number": lambda t, c: glue(t, "--checkpointing_steps", "often"),
     "glue-metric-not-loadable": lambda t, c: glue(t, "--metric", "glue"),

@@ -323,3 +323,54 @@ def test_when_a_node_dies_or_hangs_the_other_stops_within_seconds_naming_the_los
     assert stopped_after < {"killed": 30, "frozen": 45}[failure]  # frozen: the 10 s timeout, then the check-in
     assert "rank 0: lost contact with rank 1" in stderr, stderr[-3000:]
     assert not (tmp_path / "node0" / "all_results.json").exists()
+
+
+def fail_on_second(original, matches):
+    """`original`, except that its second call for which `matches(*args)` holds raises, as a crash or a full disk
+    would at that point."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        if matches(*args):
+            calls.append(args)
+            if len(calls) == 2:
+                raise RuntimeError("unexpected pos 1454016 vs 1453904 (injected)")
+        return original(*args, **kwargs)
+
+    return wrapper
+
+
+@pytest.mark.parametrize("point", ["in save_state", "before the manifest", "before the rename", "before latest"])
+def test_a_save_that_fails_at_any_point_leaves_latest_whole_and_the_resume_exact(tmp_path, token_cache, point,
+                                                                                 monkeypatch, capsys):  # fmt: skip
+    """Each point of a checkpoint save failed on purpose, at the second save (step 4 of 6): `latest` still names a
+    whole checkpoint (step 2), and resuming from it ends bitwise where an uninterrupted run ends."""
+    import accelerate
+    import run_kit
+    from conftest import reset_accelerate_state
+
+    recipe = load_recipe("gpt_pretrain")
+    args = gpt_args(tmp_path / "run", token_cache, "--max_train_steps", "6", "--checkpointing_steps", "2",
+                    "--eval_every", "6", "--sample_tokens", "0", "--dropout", "0.1")  # fmt: skip
+    recipe.main(gpt_args(tmp_path / "whole", token_cache, *args[-10:]))
+    reset_accelerate_state()
+    injected = {
+        "in save_state": (accelerate.Accelerator, "save_state", lambda *a: True),
+        "before the manifest": (Path, "write_text", lambda path, *a: path.name == "training_state.json"),
+        "before the rename": (Path, "rename", lambda path, *a: path.name.endswith(".partial")),
+        "before latest": (run_kit.os, "replace", lambda source, target, *a: str(target).endswith("latest")),
+    }[point]
+    with monkeypatch.context() as patched:
+        patched.setattr(injected[0], injected[1], fail_on_second(getattr(injected[0], injected[1]), injected[2]))
+        with pytest.raises((RuntimeError, SystemExit)):
+            recipe.main(args)
+    reset_accelerate_state()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-0000002"
+    assert json.loads((checkpoints / "step-0000002" / "training_state.json").read_text())["step"] == 2
+    if point == "in save_state":  # the failed save says why, and removed what it wrote
+        error = capsys.readouterr().err
+        assert "could not write checkpoint" in error and "GiB are free on its file system" in error
+        assert not (checkpoints / "step-0000004.partial").exists()
+    recipe.main([*args, "--resume_from_checkpoint", "latest"])
+    assert torch.equal(saved_parameters(tmp_path / "run"), saved_parameters(tmp_path / "whole"))

@@ -217,3 +217,49 @@ def test_dataset_name_streams_jsonl_files_and_refuses_a_missing_column(tmp_path,
     with pytest.raises(SystemExit):
         build(recipe, tmp_path, "--dataset_name", str(folder), "--text_column", "text")
     assert "dataset has no column 'text'; choose one of ['content'] with --text_column" in capsys.readouterr().err
+
+
+def test_text_without_newlines_is_cut_into_bounded_chunks():
+    """A corpus that is one line (no newline in 20 MB) must not reach the tokenizer as one item: memory."""
+    text = ("word " * 30_000) + ("x" * 100_000)  # spaces, then neither newline nor space
+    pieces = list(token_cache_module.chunks(text))
+    assert "".join(pieces) == text
+    assert max(map(len, pieces)) <= 2 * token_cache_module.CHUNK_CHARS
+    assert all(p.endswith(" ") for p in pieces[:5])  # cut after a space where there is one
+
+
+def test_a_stale_lock_is_taken_over_whatever_its_pid_says_and_a_wait_for_nobody_gives_up(tmp_path, monkeypatch, capsys):
+    """A lock naming a live process of this machine (this test's own pid) whose heartbeat is old is stale: a builder
+    takes it over. A process that may not build, waiting on an entry that no one builds, gives up with a line that
+    names the lock and what to do."""
+    import socket
+
+    recipe = load_recipe("gpt_pretrain")
+    args = recipe.parse_args(["--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")])
+    key, _ = token_cache_module.token_cache_key(args)
+    lock = tmp_path / "cache" / f"{key}.lock"
+    lock.parent.mkdir()
+    lock.write_text(f"{socket.gethostname()}:{os.getpid()}")
+    old = time.time() - 2 * token_cache_module.STALE_AFTER_S
+    os.utime(lock, (old, old))
+    monkeypatch.setattr(token_cache_module, "ABANDONED_AFTER_S", 1)
+    with pytest.raises(SystemExit) as exit_info:  # not a builder: it waits, then gives up
+        token_cache_module.prepare_token_cache(args, builds=False)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"lock {lock}: stale, from" in error and "accel-dp prepare" in error
+    entry, _ = token_cache_module.prepare_token_cache(args, builds=True)  # a builder takes the stale lock over
+    assert (entry / "meta.json").is_file() and not lock.exists()
+
+
+def test_two_builders_racing_for_one_entry_build_it_once_and_leave_nothing_behind(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text() * 3)
+    data = [str(RECIPES_DIR / "token_cache.py"), "--train_file", str(corpus), "--tokenizer", "byte", "--cache_dir",
+            str(tmp_path / "cache")]  # fmt: skip
+    builders = [subprocess.Popen([sys.executable, *data], env=subprocess_env(), stdout=subprocess.PIPE, text=True)
+                for _ in range(2)]  # fmt: skip
+    outputs = [b.communicate(timeout=120)[0] for b in builders]
+    assert [b.returncode for b in builders] == [0, 0]
+    entries = {line.split(":")[0] for out in outputs for line in out.splitlines() if line.startswith("token cache")}
+    assert len(entries) == 1  # both name the one entry
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [next(iter(entries)).split("/")[-1]]

@@ -107,7 +107,9 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path, token
         pickle.dump({"state": RunsCode(marker)}, f)
     # The attacker also fixes the file's size in the checkpoint's list, so that only loading it can tell.
     state = json.loads((checkpoint / "training_state.json").read_text())
-    state["files"][poisoned] = (checkpoint / poisoned).stat().st_size
+    import run_kit
+
+    state["files"][poisoned] = [(checkpoint / poisoned).stat().st_size, run_kit.sha256_of(checkpoint / poisoned)]
     (checkpoint / "training_state.json").write_text(json.dumps(state))
     assert pickle.loads((checkpoint / poisoned).read_bytes()) and marker.exists()  # the payload does work...
     marker.unlink()
@@ -137,7 +139,7 @@ def test_a_model_with_its_own_code_is_not_run_without_trust_remote_code(tmp_path
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.faults  # (with the fault matrix: `pytest -m faults`, the second step of .ci/run)
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_worker_killed_with_sigkill_gives_137_and_one_line_naming_it(tmp_path, token_cache, processes):
     """kill -9 of the last rank (what the out-of-memory killer does), through accel-dp run: exit status 137 on any
@@ -173,3 +175,77 @@ def test_a_worker_killed_with_sigkill_gives_137_and_one_line_naming_it(tmp_path,
     assert sum("was killed" in line for line in errors) == 1 and "Traceback" not in stderr
     if processes == 2:
         assert any("rank 0: lost contact with rank 1" in line for line in errors[1:]), stderr[-3000:]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("processes", [1, 2])
+def test_ctrl_c_checkpoints_exits_130_after_every_process_and_the_run_resumes(tmp_path, token_cache, processes):
+    """Ctrl-C at a terminal (SIGINT to the foreground process group) through accel-dp run: a checkpoint at the next
+    log step, exit 130 only once every process has exited, `latest` naming a whole checkpoint; the same command with
+    --resume_from_checkpoint latest finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from conftest import free_port, subprocess_env
+
+    args = gpt_args(tmp_path / "run", token_cache, "--max_train_steps", "400", "--log_every", "5",
+                    "--checkpointing_steps", "1000", "--eval_every", "1000", "--sample_tokens", "0")  # fmt: skip
+    launch = [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--procs", str(processes),
+              "--main-port", str(free_port()), "--"]  # fmt: skip
+    run = subprocess.Popen([*launch, *args], env=subprocess_env(OMP_NUM_THREADS="1"), stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").is_file():
+            assert run.poll() is None and time.monotonic() < deadline, "no training within 120 s"
+            time.sleep(0.1)
+        family = [run.pid, *(p.pid for p in psutil.Process(run.pid).children(recursive=True))]
+        os.killpg(run.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, stderr[-3000:]
+    assert not [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    latest = (checkpoints / "latest").read_text()
+    assert (checkpoints / latest / "training_state.json").is_file() and not list(checkpoints.glob("*.partial"))
+    resumed = subprocess.run([*launch, *args, "--resume_from_checkpoint", "latest"], env=subprocess_env(),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_metrics(tmp_path / "run")[-1]["step"] == 400
+
+
+@pytest.mark.faults
+def test_ctrl_c_while_preparing_the_token_cache_exits_130_and_leaves_no_lock(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import SHAKESPEARE, subprocess_env
+
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(SHAKESPEARE.read_text() * 20)
+    command = [sys.executable, "-m", "accel_dp.cli", "prepare", "gpt-pretrain", "--", "--train_file", str(corpus),
+               "--tokenizer", "byte", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    run = subprocess.Popen(command, env=subprocess_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "cache").glob("*.tmp-*/train.bin")):
+            assert run.poll() is None and time.monotonic() < deadline, "tokenizing never started"
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, stderr[-3000:]
+    assert "interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert not [name for name in left if name.endswith(".lock") or ".tmp-" in name], left

@@ -388,3 +388,19 @@ def test_a_half_precision_checkpoint_trains_on_fp32_master_weights(tmp_path):
 
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as saved:
         assert {saved.get_tensor(name).dtype for name in saved.keys()} == {torch.float32}
+
+
+def test_a_glue_tsv_given_as_train_file_is_read_as_glue_writes_it(tmp_path):
+    """MRPC's rows as a plain sentence1/sentence2/label TSV: about 1 row in 10 starts a sentence with a quote, which
+    a CSV reader would pair with the next one. Every row comes back whole, in order."""
+    import glue_data
+
+    with open(MRPC / "train.tsv", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:300]
+    assert sum(r["#1 String"].startswith('"') or r["#2 String"].startswith('"') for r in rows) > 10
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence1\tsentence2\tlabel\n" + "".join(
+        f"{r['#1 String']}\t{r['#2 String']}\t{r['Quality']}\n" for r in rows))  # fmt: skip
+    table = glue_data.from_table("mrpc", glue_data.read_tsv_table(str(path)), str(path))
+    assert table["sentence2"] == [r["#2 String"] for r in rows]
+    assert table["label"] == [int(r["Quality"]) for r in rows]
