@@ -188,7 +188,7 @@ def build_gpt(args, total_steps: int):
     def step(side):
         batch = itertools.islice(side.batches, 1)
         return recipe.train_step(
-            accelerator, side.model, side.optimizer, batch, defaults.max_grad_norm, flops_per_token
+            accelerator, side.model, side.optimizer, batch, defaults.max_grad_norm, flops_per_token, SHAKESPEARE_VOCAB
         )
 
     side = RecipeSide(recipe, accelerator, model, optimizer, make_loader(), scheduler, "tokens", step)

@@ -272,7 +272,7 @@ def make_loaders(args, tokenized: dict, tokenizer, accelerator, shuffle_generato
     return train_loader, eval_loaders
 
 
-def optimizer_and_schedule(args, model, max_train_steps: int):
+def optimizer_and_schedule(args, model, max_train_steps: int, mixed_precision: str = "no"):
     """The run kit's AdamW (no decay on biases and LayerNorm weights: BERT's recipe) with BERT's betas, and the LR
     schedule with its warmup (--num_warmup_steps, or --warmup_ratio of the steps), counted in optimizer steps."""
     ratio = 0.1 if args.warmup_ratio is None else args.warmup_ratio
@@ -285,6 +285,7 @@ def optimizer_and_schedule(args, model, max_train_steps: int):
         schedule=args.lr_scheduler_type,
         num_warmup_steps=warmup,
         num_training_steps=max_train_steps,
+        mixed_precision=mixed_precision,
     )
     return optimizer, lr_scheduler, warmup
 
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     max_train_steps = args.max_train_steps or args.num_train_epochs * layout.steps
     num_epochs = math.ceil(max_train_steps / layout.steps)
     run.check_steps(max_train_steps)  # a checkpoint at or past the end: refused
-    optimizer, lr_scheduler, warmup = optimizer_and_schedule(args, model, max_train_steps)
+    optimizer, lr_scheduler, warmup = optimizer_and_schedule(args, model, max_train_steps, accelerator.mixed_precision)
     flops_per_token = FlopsPerToken.of(model)
     with accelerator.main_process_first():  # one process copies the module into evaluate's cache, the others reuse it
         metric = load_metric(args)

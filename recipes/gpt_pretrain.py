@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--dropout", type=float)
     model.add_argument("--model_name_or_path", help="Continue training a saved causal LM instead of a fresh one.")
     model.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    model.add_argument(
+        "--vocab_size", type=int, help="Embedding rows, at least the tokenizer's (e.g. 50304 for GPT-2's 50257)."
+    )
 
     optimizer = parser.add_argument_group("optimizer")
     optimizer.add_argument("--learning_rate", type=float, default=1e-3)
@@ -192,8 +195,11 @@ def build_model(args, tokenizer) -> tuple[torch.nn.Module, int]:
         fail(f"--n_embd {shape['n_embd']} must be divisible by --n_head {shape['n_head']}")
     if shape["block_size"] < 1:
         fail(f"--block_size must be a positive integer, got {shape['block_size']}")
+    vocab_size = args.vocab_size or len(tokenizer)
+    if vocab_size < len(tokenizer):
+        fail(f"--vocab_size {vocab_size} is below the tokenizer's {len(tokenizer)} tokens: give at least that")
     config = GPT2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         n_positions=shape["block_size"],
         n_embd=shape["n_embd"],
         n_layer=shape["n_layer"],
@@ -207,10 +213,14 @@ def build_model(args, tokenizer) -> tuple[torch.nn.Module, int]:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation), shape["block_size"]
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn_implementation)
+    # Rows past the tokenizer's (padding to a multiple of 64 keeps GPU matmuls on whole tiles) are never generated:
+    # saved in the generation config, which pipeline("text-generation") reads too. The loss never sees them.
+    model.generation_config.suppress_tokens = list(range(len(tokenizer), vocab_size)) or None
+    return model, shape["block_size"]
 
 
-def optimizer_and_schedule(args, model):
+def optimizer_and_schedule(args, model, mixed_precision: str = "no"):
     """The run kit's AdamW (weight decay on matrices only) and nanoGPT's schedule: linear warmup, then a cosine decay
     to --min_learning_rate, counted in optimizer steps."""
     return make_optimizer(
@@ -222,6 +232,7 @@ def optimizer_and_schedule(args, model):
         num_warmup_steps=args.num_warmup_steps,
         num_training_steps=args.max_train_steps,
         min_lr=args.min_learning_rate if args.min_learning_rate is not None else args.learning_rate / 10,
+        mixed_precision=mixed_precision,
     )
 
 
@@ -230,14 +241,17 @@ def optimizer_and_schedule(args, model):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def train_step(accelerator, model, optimizer, micro_batches, max_grad_norm: float, flops_per_token: float) -> Step:
+def train_step(
+    accelerator, model, optimizer, micro_batches, max_grad_norm: float, flops_per_token: float, vocab: int
+) -> Step:
     """One optimizer step over its micro-batches: forward, backward (accelerate's accumulate skips DDP's all-reduce
-    on all but the last), then clipping and the step unless the gradient is NaN or inf. benchmarks/overhead.py times
-    this very function."""
+    on all but the last), then clipping and the step unless the gradient is NaN or inf. The loss is over the
+    tokenizer's `vocab` tokens: embedding rows padded past them (--vocab_size) never enter it. benchmarks/overhead.py
+    times this very function."""
     loss_sum, sequences, tokens, finite, grad_norm = 0.0, 0, 0, True, None
     for inputs, targets in micro_batches:
         with accelerator.accumulate(model):
-            logits = model(input_ids=inputs).logits
+            logits = model(input_ids=inputs).logits[..., :vocab]
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             accelerator.backward(loss)  # divided by the accumulation steps
             finite, grad_norm = optimizer_step(accelerator, model, optimizer, max_grad_norm)
@@ -247,12 +261,12 @@ def train_step(accelerator, model, optimizer, micro_batches, max_grad_norm: floa
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, val_loader) -> float:
+def evaluate(accelerator, model, val_loader, vocab: int) -> float:
     """Mean loss over the fixed validation windows, gathered from all processes (no duplicates)."""
     model.eval()
     losses = []
     for inputs, targets in val_loader:
-        logits = model(input_ids=inputs).logits
+        logits = model(input_ids=inputs).logits[..., :vocab]
         per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         losses.append(accelerator.gather_for_metrics(per_token.view_as(targets).mean(dim=1)))
     model.train()
@@ -324,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model size (--model_size, --n_layer, --n_embd)",
     )
     train_loader, val_loader = make_loaders(args, train_tokens, val_tokens, block_size, run.global_batch_size)
-    optimizer, lr_scheduler = optimizer_and_schedule(args, model)
+    optimizer, lr_scheduler = optimizer_and_schedule(args, model, accelerator.mixed_precision)
     flops_per_token = FlopsPerToken.of(model)(block_size)
     num_parameters = sum(p.numel() for p in model.parameters())
 
@@ -347,12 +361,14 @@ def main(argv: list[str] | None = None) -> dict:
         model.train()
         for step in range(run.first_step + 1, args.max_train_steps + 1):
             micro_batches = itertools.islice(train_batches, accumulation)
-            result = train_step(accelerator, model, optimizer, micro_batches, args.max_grad_norm, flops_per_token)
+            result = train_step(
+                accelerator, model, optimizer, micro_batches, args.max_grad_norm, flops_per_token, len(tokenizer)
+            )
             run.step_done(step, result)  # guard (NaN or inf), meter, LR schedule, Local SGD, progress bar
             run.log_step(step, args.max_train_steps)  # every --log_every steps
             if step % args.eval_every == 0 or step == args.max_train_steps:
                 with run.evaluation():
-                    eval_loss = evaluate(accelerator, model, val_loader)
+                    eval_loss = evaluate(accelerator, model, val_loader, len(tokenizer))
                 record = {"step": step, "eval_loss": eval_loss, "eval_bits_per_byte": eval_loss * bits_per_byte}
                 bits = f"{eval_loss * bits_per_byte:.4f} bits per byte"
                 run.log(record, f"step {step}/{args.max_train_steps} | val loss {eval_loss:.4f} ({bits})")

@@ -150,6 +150,7 @@ CASES = {
     "gpt-dataset-missing-column": lambda t, c: (
         (t / "jsonl").mkdir(), (t / "jsonl" / "train.jsonl").write_text('{"content": "To be, or not to be"}\n' * 50),
         gpt(t, c, "--dataset_name", str(t / "jsonl")))[2],
+    "gpt-vocab-size-below-tokenizer": lambda t, c: gpt(t, c, "--vocab_size", "10"),
     "gpt-block-size-beyond-positions": lambda t, c: ("gpt_pretrain", [  # a saved model with 32 positions
         "--model_name_or_path", str(checkpoint_of(t, c).parents[1]), "--block_size", "64",
         "--cache_dir", str(c), "--output_dir", str(t / "out")]),

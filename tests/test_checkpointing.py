@@ -290,6 +290,7 @@ def test_preempted_run_checkpoints_exits_75_and_resumes_bitwise_equal(
 # Fail fast: a node that dies makes the survivors stop within seconds, naming the lost rank.
 
 
+@pytest.mark.faults  # (with the fault matrix: `make test-faults`, .ci/run's second step)
 @pytest.mark.parametrize("failure", ["killed", "frozen"])
 def test_when_a_node_dies_or_hangs_the_other_stops_within_seconds_naming_the_lost_rank(tmp_path, token_cache, failure):
     """killed: its sockets close and the next collective fails at once. frozen (SIGSTOP, like a hung machine):

@@ -214,3 +214,34 @@ def test_block_size_beyond_the_models_positions_is_refused(tmp_path, token_cache
         recipe.main([*more, "--n_layer", "8"])
     assert "drop them with --model_name_or_path" in capsys.readouterr().err
     assert not (tmp_path / "more").exists()
+
+
+def test_padded_vocabulary_rows_are_never_trained_on_nor_generated(tmp_path, token_cache):
+    """--vocab_size 80 over Tiny Shakespeare's 65 characters: the 15 extra rows take no gradient (the loss is over
+    the tokenizer's tokens only), so AdamW leaves them as they were but for weight decay; no sampled id reaches them,
+    in the recipe's sample or through pipeline("text-generation") on the saved model."""
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    recipe = load_recipe("gpt_pretrain")
+    argv = gpt_args(
+        tmp_path / "run", token_cache, "--vocab_size", "80", "--max_train_steps", "10", "--sample_tokens", "64"
+    )
+    results = recipe.main(argv)
+    out = tmp_path / "run"
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert trained.config.vocab_size == 80 and len(tokenizer) == 65 and results["optimizer_steps"] == 10
+    set_seed(recipe.parse_args(argv).seed)  # the recipe's initial weights, made again
+    initial = recipe.build_model(recipe.parse_args(argv), tokenizer)[0].transformer.wte.weight.detach()
+    rows = trained.transformer.wte.weight.detach()
+    decayed = rows[65:] / initial[65:]  # weight decay alone: one factor for every element of the padded rows
+    assert torch.allclose(decayed, decayed.flatten()[0].expand_as(decayed), rtol=1e-4)
+    assert not torch.allclose(rows[:65] / initial[:65], decayed.flatten()[0].expand(65, rows.shape[1]), rtol=1e-2)
+    torch.manual_seed(0)
+    generated = trained.generate(**tokenizer("\n", return_tensors="pt"), do_sample=True, max_new_tokens=30,
+                                 num_return_sequences=20, top_k=0, temperature=5.0, pad_token_id=0)  # fmt: skip
+    assert int(generated.max()) < 65  # even sampling at temperature 5 over every row
+    text = pipeline("text-generation", model=str(out))("RO", max_new_tokens=20, do_sample=True)[0]["generated_text"]
+    assert generated.shape == (20, 31)
+    assert text.startswith("RO") and len(text) > 2

@@ -59,3 +59,16 @@ def test_the_kit_names_the_recipe_it_was_given_with_both_loaded_in_one_process(t
     with pytest.raises(SystemExit):
         glue.Run(glue.RECIPE, args, unit="samples")
     assert f"{tmp_path} is not a glue-bert checkpoint" in capsys.readouterr().err
+
+
+def test_adamw_is_torchs_fused_one_except_under_fp16s_loss_scaler():
+    """fp16's scaler must see every step to skip and count an overflowing one: there AdamW is foreach."""
+    import torch
+
+    model = torch.nn.Linear(4, 4)
+    for precision, fused in (("no", True), ("bf16", True), ("fp16", False)):
+        optimizer, _ = run_kit.make_optimizer(
+            model, learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.99), schedule="constant_with_warmup",
+            num_warmup_steps=0, num_training_steps=10, mixed_precision=precision,
+        )  # fmt: skip
+        assert bool(optimizer.defaults["fused"]) is fused and bool(optimizer.defaults["foreach"]) is not fused
