@@ -85,8 +85,10 @@ def file_batches(paths: list[str]) -> Iterator[list[str | None]]:
                 block, final = rest + read, not read
                 if not block:
                     break
-                cut = len(block) if final else block.rfind(b"\n") + 1
-                if not cut and len(block) < 2 * PIECE_BYTES:  # in a line: read on, and cut at its end
+                # Cut after the last line end; in a line longer than a piece, before its last space (a byte-level
+                # BPE starts a word with its space: the same tokens as the whole text); else read on, up to 2 pieces.
+                cut = len(block) if final else block.rfind(b"\n") + 1 or max(block.rfind(b" "), 0)
+                if not cut and len(block) < 2 * PIECE_BYTES:
                     rest = block
                     continue
                 cut = cut or utf8_end(block)  # a line longer than a piece is cut between two characters
@@ -156,13 +158,14 @@ def text_of(batches: Iterator[list[str | None]]) -> Iterator[str]:
 
 def chunks(text: str) -> Iterator[str]:
     """The text in items of CHUNK_CHARS to 2 x CHUNK_CHARS characters: cut after a newline where there is one, else
-    after a space, else (text without either) at 2 x CHUNK_CHARS. The Rust tokenizer spreads a batch's items over
-    every core, and its trainer buffers 256 items: small ones keep both the cores busy and the memory small (8 MB
-    pieces held 2 GB in the trainer's buffer; one 20 MB line, cut only at newlines, 2.9 GB)."""
+    before a space (a byte-level BPE starts a word with its space), else (text without either) at 2 x CHUNK_CHARS.
+    The Rust tokenizer spreads a batch's items over every core, and its trainer buffers 256 items: small ones keep
+    both the cores busy and the memory small (8 MB pieces held 2 GB in the trainer's buffer; a 20 MB line cut only
+    at newlines, 2.9 GB)."""
     start = 0
     while start < len(text):
         limit = start + 2 * CHUNK_CHARS
-        end = text.find("\n", start + CHUNK_CHARS, limit) + 1 or text.find(" ", start + CHUNK_CHARS, limit) + 1
+        end = text.find("\n", start + CHUNK_CHARS, limit) + 1 or max(text.find(" ", start + CHUNK_CHARS, limit), 0)
         end = end or min(limit, len(text))
         yield text[start:end]
         start = end

@@ -56,18 +56,22 @@ def test_pieces_give_the_tokenizers_own_tokens_of_the_whole_text(tmp_path, monke
     # a line longer than the real 8 MB pieces: only char and byte get one. The BPE is given 64-character chunks.
     monkeypatch.setattr(token_cache_module, "CHUNK_CHARS", 64)
     two.write_text(("x" * 200 + "é" * 50 if tokenizer in ("char", "byte") else "") + UNICODE[:300])
-    entry = build(recipe, tmp_path, "--train_file", str(one), str(two), "--tokenizer", tokenizer)
+    # A file that is one long line with spaces: pieces and chunks are cut before a space, a BPE's word boundary.
+    three = tmp_path / "three.txt"
+    three.write_text("word  of  mine, " * 40 + "end")
+    entry = build(recipe, tmp_path, "--train_file", str(one), str(two), str(three), "--tokenizer", tokenizer)
     train, val, meta = entry_tokens(entry)
     from transformers import AutoTokenizer
 
     saved = AutoTokenizer.from_pretrained(entry / "tokenizer")
     eos = [] if saved.eos_token_id is None else [saved.eos_token_id]
     expected = []
-    for path in (one, two):
+    for path in (one, two, three):
         expected += saved(path.read_text(), add_special_tokens=False)["input_ids"] + eos
     assert [*train, *val] == expected
     assert len(train) == int(len(expected) * 0.9) and meta["val_tokens"] == len(val)
-    assert saved.decode([*train, *val], skip_special_tokens=True) == one.read_text() + two.read_text()
+    whole = one.read_text() + two.read_text() + three.read_text()
+    assert saved.decode([*train, *val], skip_special_tokens=True) == whole
 
 
 def test_a_long_corpus_is_written_a_piece_at_a_time(tmp_path, monkeypatch):
@@ -225,7 +229,7 @@ def test_text_without_newlines_is_cut_into_bounded_chunks():
     pieces = list(token_cache_module.chunks(text))
     assert "".join(pieces) == text
     assert max(map(len, pieces)) <= 2 * token_cache_module.CHUNK_CHARS
-    assert all(p.endswith(" ") for p in pieces[:5])  # cut after a space where there is one
+    assert all(p.startswith(" ") for p in pieces[1:5])  # cut before a space where there is one
 
 
 def test_a_stale_lock_is_taken_over_whatever_its_pid_says_and_a_wait_for_nobody_gives_up(tmp_path, monkeypatch, capsys):
