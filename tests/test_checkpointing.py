@@ -99,6 +99,7 @@ def uninterrupted(tmp_path_factory, token_cache):
     return get
 
 
+@pytest.mark.faults  # kill-and-resume: with the fault matrix (`make test-faults`, .ci/run's second step)
 @pytest.mark.xdist_group("gpt-2")  # with the other tests of the same reference run: it is made once per worker
 def test_killed_gpt_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_path, token_cache, uninterrupted):
     """2 processes. (One process resumes exactly too: the preemption test below, gpt-pretrain-1-SIGUSR1.)"""
@@ -122,6 +123,7 @@ def test_killed_gpt_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_pa
     assert (killed / "checkpoints" / "latest").read_text() == "step-0000100"
 
 
+@pytest.mark.faults  # kill-and-resume: with the fault matrix (`make test-faults`, .ci/run's second step)
 def test_killed_local_sgd_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_path, token_cache):
     """Under Local SGD the replicas' optimizer moments differ between averages: each rank saves and gets back its
     own. (Checkpoints at multiples of K, as the uninterrupted run averages only there.) The run kit does this for
@@ -248,6 +250,7 @@ def rank_process(launcher_pid: int, rank: int) -> int:
     raise AssertionError(f"no rank {rank} worker under {launcher_pid}")
 
 
+@pytest.mark.faults  # kill-and-resume: with the fault matrix (`make test-faults`, .ci/run's second step)
 @pytest.mark.parametrize(
     ("recipe", "procs", "how"),
     [pytest.param("gpt-pretrain", 1, "SIGUSR1", marks=pytest.mark.xdist_group("gpt-1")),

@@ -72,3 +72,12 @@ def test_adamw_is_torchs_fused_one_except_under_fp16s_loss_scaler():
             num_warmup_steps=0, num_training_steps=10, mixed_precision=precision,
         )  # fmt: skip
         assert bool(optimizer.defaults["fused"]) is fused and bool(optimizer.defaults["foreach"]) is not fused
+
+
+def test_results_are_strict_json_with_null_where_a_value_is_missing():
+    import json
+
+    results = {"eval_loss": float("nan"), "mfu": None, "curve": [1.0, float("inf")], "steps": 3}
+    text = json.dumps(run_kit.finite_or_null(results))
+    assert json.loads(text) == {"eval_loss": None, "mfu": None, "curve": [1.0, None], "steps": 3}
+    assert "NaN" not in text and "Infinity" not in text
