@@ -18,9 +18,10 @@ install:
 test:
 	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup tests
 
-# The fault matrix: Ctrl-C, SIGTERM and SIGKILL at every phase of a run, on 1 and 2 processes (tests/test_faults.py).
+# The fault matrix: Ctrl-C, SIGTERM and SIGKILL at every phase of a run, on 1 and 2 processes (tests/test_faults.py),
+# and the compiled runs.
 test-faults:
-	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m faults tests
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "faults or compile" tests
 
 lint:
 	$(PYTHON) -m ruff check accel_dp recipes tests benchmarks

@@ -284,7 +284,8 @@ def generate_sample(accelerator, model, tokenizer, prompt: str, max_tokens: int,
     model.eval()
     encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(accelerator.device)
     room = block_size - encoded["input_ids"].shape[1]  # the model has no positions beyond block_size
-    with accelerator.autocast():
+    # One token at a time, each a new shape: a compiled forward (--torch_compile) would recompile at every step.
+    with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
         generated = model.generate(
             **encoded,
             max_new_tokens=max(1, min(max_tokens, room)),

@@ -129,6 +129,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mixed_precision", choices=["no", "fp16", "bf16", "fp8"], help="Default: accelerate's.")
     group.add_argument("--seed", type=int)
     group.add_argument("--cpu", action="store_true", help="Train on CPU even if a GPU is present.")
+    group.add_argument(
+        "--torch_compile", action="store_true", help="torch.compile the model (inductor); checkpoints stay plain."
+    )
     group = parser.add_argument_group("output and logging")
     group.add_argument("--output_dir", help="Default: runs/<recipe>-<date>-<time>.")
     group.add_argument("--overwrite_output_dir", action="store_true", help="Allow writing into a non-empty folder.")
@@ -1221,6 +1224,7 @@ class Run:
             f"{self.recipe}: {n} process(es) on {a.device.type}, mixed precision {a.mixed_precision}, global batch "
             f"{self.global_batch_size} = {self.args.per_device_train_batch_size} per device x {n} x "
             f"{self.accumulation} accumulation, AdamW {self.adamw_implementation()}"
+            + (", compiled (torch.compile)" if self.args.torch_compile else "")
         )
 
     def adamw_implementation(self) -> str:
@@ -1246,6 +1250,12 @@ class Run:
         self.meter = Meter(accelerator, self.unit, self.start_time)
         self.guard = Guard(accelerator, args, self.log, self.recipe)
         self.local_sgd = LocalSGD(accelerator, model, args.local_sgd_steps)
+        if args.torch_compile:
+            # --torch_compile (transformers' TrainingArguments flag): the module compiles its own forward in place,
+            # inside DDP, so its parameters keep their names: no `_orig_mod.` in checkpoints or saved weights, and a
+            # compiled run's checkpoint resumes uncompiled and the other way round. (accelerate's dynamo_backend
+            # wraps the model instead, and its checkpoints then carry the prefix.)
+            accelerator.unwrap_model(model).compile()
         return self.checkpointer.restore(optimizer, self.meter, self.guard, self.local_sgd)
 
     @contextlib.contextmanager

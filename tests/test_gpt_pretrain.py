@@ -19,6 +19,7 @@ from conftest import (
     load_recipe,
     read_metrics,
     reset_accelerate_state,
+    saved_parameters,
     subprocess_env,
 )
 
@@ -245,3 +246,35 @@ def test_padded_vocabulary_rows_are_never_trained_on_nor_generated(tmp_path, tok
     text = pipeline("text-generation", model=str(out))("RO", max_new_tokens=20, do_sample=True)[0]["generated_text"]
     assert generated.shape == (20, 31)
     assert text.startswith("RO") and len(text) > 2
+
+
+@pytest.mark.compile
+def test_a_compiled_runs_checkpoints_are_plain_and_resume_either_way(tmp_path, token_cache):
+    """--torch_compile: no `_orig_mod.` in the saved weights or a checkpoint; a compiled run's checkpoint resumes
+    uncompiled, an uncompiled one compiled, both ending where the uninterrupted run ends (compiled kernels round
+    differently: within 1e-4)."""
+    from safetensors import safe_open
+
+    recipe = load_recipe("gpt_pretrain")
+    extra = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--eval_every", "6", "--eval_iters", "2",
+             "--sample_tokens", "8", "--dropout", "0")  # fmt: skip
+    runs = {}
+    for name, compiled, resume in (
+        ("compiled", True, None),
+        ("plain", False, None),
+        ("compiled_then_plain", False, "compiled"),
+        ("plain_then_compiled", True, "plain"),
+    ):
+        argv = gpt_args(tmp_path / name, token_cache, *extra, *(["--torch_compile"] if compiled else []))
+        if resume:
+            argv += ["--resume_from_checkpoint", str(tmp_path / resume / "checkpoints" / "step-0000003")]
+        reset_accelerate_state()
+        runs[name] = recipe.main(argv)
+    for weights in (tmp_path / "compiled" / "model.safetensors",
+                    tmp_path / "compiled" / "checkpoints" / "step-0000003" / "model.safetensors"):  # fmt: skip
+        with safe_open(weights, "pt") as tensors:
+            assert not [key for key in tensors.keys() if "_orig_mod" in key]
+    reference = saved_parameters(tmp_path / "plain")
+    for name in ("compiled", "compiled_then_plain", "plain_then_compiled"):
+        assert (saved_parameters(tmp_path / name) - reference).abs().max() <= 1e-4, name
+        assert runs[name]["optimizer_steps"] == 6
