@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument(
         "--vocab_size", type=int, help="Embedding rows, at least the tokenizer's (e.g. 50304 for GPT-2's 50257)."
     )
+    model.add_argument(
+        "--loss_chunk_tokens", type=int, help="LM loss this many positions at a time (default: 4096 past 1 GiB logits)."
+    )
 
     optimizer = parser.add_argument_group("optimizer")
     optimizer.add_argument("--learning_rate", type=float, default=1e-3)
@@ -242,7 +245,7 @@ def optimizer_and_schedule(args, model, mixed_precision: str = "no"):
 
 
 def train_step(
-    accelerator, model, optimizer, micro_batches, max_grad_norm: float, flops_per_token: float, vocab: int
+    accelerator, model, optimizer, micro_batches, max_grad_norm, flops_per_token, vocab: int, chunk_tokens=None
 ) -> Step:
     """One optimizer step over its micro-batches: forward, backward (accelerate's accumulate skips DDP's all-reduce
     on all but the last), then clipping and the step unless the gradient is NaN or inf. The loss is over the
@@ -251,13 +254,36 @@ def train_step(
     loss_sum, sequences, tokens, finite, grad_norm = 0.0, 0, 0, True, None
     for inputs, targets in micro_batches:
         with accelerator.accumulate(model):
-            logits = model(input_ids=inputs).logits[..., :vocab]
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            loss = causal_lm_loss(accelerator, model, inputs, targets, vocab, chunk_tokens)
             accelerator.backward(loss)  # divided by the accumulation steps
             finite, grad_norm = optimizer_step(accelerator, model, optimizer, max_grad_norm)
         loss_sum = loss_sum + loss.detach() * len(inputs)  # the mean over sequences is what a log step reports
         sequences, tokens = sequences + len(inputs), tokens + inputs.numel()
     return Step(loss_sum, sequences, tokens, tokens * flops_per_token, grad_norm, finite)
+
+
+def causal_lm_loss(accelerator, model, inputs, targets, vocab: int, chunk_tokens: int | None) -> torch.Tensor:
+    """The mean next-token cross-entropy over the tokenizer's `vocab` rows. With chunk_tokens, a micro-batch's fp32
+    logits are never held whole (at 16 x 1024 tokens and GPT-2's 50304 rows they are 3.3 GB): the model stops at its
+    last hidden state (transformers' logits_to_keep, through DDP's forward), and the LM head's logits are made a
+    chunk of positions at a time, recomputed in the backward (activation checkpointing) instead of kept."""
+    if not chunk_tokens:
+        logits = model(input_ids=inputs).logits[..., :vocab]
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    none = torch.zeros(0, dtype=torch.long, device=inputs.device)
+    hidden = model(input_ids=inputs, logits_to_keep=none, output_hidden_states=True).hidden_states[-1].flatten(0, 1)
+    weight, targets = accelerator.unwrap_model(model).lm_head.weight[:vocab], targets.flatten()
+    with accelerator.autocast():  # the head in the run's precision, as inside the model's forward
+        sums = [
+            torch.utils.checkpoint.checkpoint(
+                lambda h, t: F.cross_entropy((h @ weight.T).float(), t, reduction="sum"),
+                hidden[start : start + chunk_tokens],
+                targets[start : start + chunk_tokens],
+                use_reentrant=False,
+            )
+            for start in range(0, len(targets), chunk_tokens)
+        ]
+    return torch.stack(sums).sum() / len(targets)
 
 
 @torch.no_grad()
@@ -330,11 +356,15 @@ def main(argv: list[str] | None = None) -> dict:
                 f"the {name} data has {len(tokens)} tokens, fewer than one block of {block_size} + 1: give more text "
                 "or a smaller --block_size"
             )
-    micro_batch_tokens = args.per_device_train_batch_size * block_size
-    eager = args.attn_implementation == "eager"
+    micro_batch_tokens, vocab = args.per_device_train_batch_size * block_size, model.config.vocab_size
+    # The loss a chunk of positions at a time past 1 GiB of fp32 logits (not under FSDP or DeepSpeed: their LM head
+    # is a shard outside the forward).
+    big, sharded = micro_batch_tokens * vocab * 4 > 2**30, accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+    chunk_tokens = None if sharded else args.loss_chunk_tokens or (4096 if big else None)
+    eager, logits = args.attn_implementation == "eager", min(micro_batch_tokens, chunk_tokens or 2**62) * vocab
     check_memory(
         accelerator,
-        training_memory(accelerator, model, micro_batch_tokens, block_size, eager, model.config.vocab_size),
+        training_memory(accelerator, model, micro_batch_tokens, block_size, eager, logits),
         "--block_size, --per_device_train_batch_size (--gradient_accumulation_steps keeps the global batch) or the "
         "model size (--model_size, --n_layer, --n_embd)",
     )
@@ -362,9 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.train()
         for step in range(run.first_step + 1, args.max_train_steps + 1):
             micro_batches = itertools.islice(train_batches, accumulation)
-            result = train_step(
-                accelerator, model, optimizer, micro_batches, args.max_grad_norm, flops_per_token, len(tokenizer)
-            )
+            step_options = (args.max_grad_norm, flops_per_token, len(tokenizer), chunk_tokens)
+            result = train_step(accelerator, model, optimizer, micro_batches, *step_options)
             run.step_done(step, result)  # guard (NaN or inf), meter, LR schedule, Local SGD, progress bar
             run.log_step(step, args.max_train_steps)  # every --log_every steps
             if step % args.eval_every == 0 or step == args.max_train_steps:

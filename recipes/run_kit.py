@@ -1159,7 +1159,7 @@ class FlopsPerToken(NamedTuple):
 
 
 def training_memory(
-    accelerator: Accelerator, model, tokens: int, context: int, attention_materialised: bool, logits_vocab: int = 0
+    accelerator: Accelerator, model, tokens: int, context: int, attention_materialised: bool, logits: int = 0
 ) -> dict[str, float]:
     """Bytes one process needs, roughly, for micro-batches of `tokens` tokens: fp32 weights, gradients and AdamW's two
     moments (16 per parameter, shared out under FSDP or DeepSpeed); the activations kept for the backward, about
@@ -1175,8 +1175,8 @@ def training_memory(
         "weights, gradients and optimizer": 16 * sum(p.numel() for p in model.parameters()) / shards,
         "activations": tokens * config.num_hidden_layers * values * value_bytes,
     }
-    if logits_vocab:
-        need["logits"] = 3 * tokens * logits_vocab * 4
+    if logits:  # the fp32 logit values held at once (a micro-batch's, or one chunk's when the loss is chunked)
+        need["logits"] = 3 * logits * 4
     return need
 
 
