@@ -13,6 +13,7 @@ import torch
 from conftest import (
     RECIPES_DIR,
     SHAKESPEARE,
+    accel_dp_run,
     free_port,
     gpt_args,
     launch_and_record,
@@ -309,3 +310,9 @@ def test_the_chunked_loss_equals_the_plain_one_and_its_gradients(tmp_path, token
                                    "--loss_chunk_tokens", "24"))  # fmt: skip
     assert abs(plain["train_loss"] - chunked["train_loss"]) <= 1e-5
     assert (saved_parameters(tmp_path / "plain") - saved_parameters(tmp_path / "chunked")).abs().max() <= 1e-5
+    # Under DDP (the head's gradient from outside the model's forward still all-reduced): 2 x 2 = 1 x 4.
+    reset_accelerate_state()
+    two = gpt_args(tmp_path / "two", token_cache, "--dropout", "0", "--max_train_steps", "8", "--loss_chunk_tokens",
+                   "24", "--per_device_train_batch_size", "2", "--global_batch_size", "4")  # fmt: skip
+    assert accel_dp_run("gpt-pretrain", 2, two) == 0
+    assert (saved_parameters(tmp_path / "plain") - saved_parameters(tmp_path / "two")).abs().max() <= 1e-5
