@@ -59,7 +59,9 @@ def test_a_documented_example_runs_as_written_in_an_empty_folder(command, tmp_pa
         return
     if words[:2] == ["accel-dp", "run"]:
         command = command.replace("accel-dp run", "accel-dp run --dry-run", 1)
-    done = subprocess.run(command, shell=True, executable="/bin/bash", cwd=tmp_path, env=subprocess_env(),
+    # As typed at a bash prompt: bash stays the command's parent (a lone `bash -c` command would replace bash), as
+    # Typer's completion commands find the user's shell in the process tree, not in whatever shell started pytest.
+    done = subprocess.run(["/bin/bash", "-c", f"{command}\nexit $?"], cwd=tmp_path, env=subprocess_env(),
                           capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, f"{command}: {done.stderr[-2000:]}"
