@@ -148,6 +148,7 @@ def test_killed_local_sgd_run_resumed_from_latest_checkpoint_ends_bitwise_equal(
     assert loss_curve(killed) == loss_curve(whole)
 
 
+@pytest.mark.faults  # kill-and-resume: with the fault matrix (`make test-faults`, .ci/run's second step)
 @pytest.mark.parametrize(
     ("procs", "checkpointing_steps", "first_checkpoint"),
     # On 2 processes the checkpoint (step 3) falls between log steps (every 2): each rank's losses not yet logged

@@ -164,7 +164,7 @@ time.sleep(120)
 """
 
 
-@pytest.mark.slow
+@pytest.mark.faults  # signals: with the fault matrix (`make test-faults`, .ci/run's second step)
 def test_a_sigterm_to_accel_dp_run_reaches_every_rank_and_it_exits_75_after_the_last(tmp_path):
     """Through the real chain (accel-dp's runner, accelerate's launcher, torchrun, 2 ranks): every rank gets the
     SIGTERM at once and writes its checkpoint, the slow one too, and accel-dp exits with their 75 only then."""

@@ -1,9 +1,11 @@
 """The fault matrix, through `accel-dp run` on 1 and 2 processes: {Ctrl-C, a preemption's SIGTERM, SIGKILL of one
 worker} x {token-cache build, before the first step, mid-training, during a checkpoint save, during evaluation,
 during the final save}. Each case checks the exit status, that no process is left, that `latest` names a whole
-checkpoint, and that running the same command with --resume_from_checkpoint latest ends bitwise where a run that was
-never interrupted ends. The faults are delivered by tests/fault_injection/sitecustomize.py, from inside rank 0 at
-the phase, as a user, a scheduler or the kernel would.
+checkpoint (and, after Ctrl-C or SIGTERM in training, that there is one, with no partial folder left), that a
+SIGKILL is told by one line naming the killed rank (and, with 2, the survivor's line after it), and that running the
+same command with --resume_from_checkpoint latest ends bitwise where a run that was never interrupted ends. The
+faults are delivered by tests/fault_injection/sitecustomize.py, from inside rank 0 at the phase, as a user, a
+scheduler or the kernel would.
 
 Run with `pytest -m faults` (about 36 x 15 s; `.ci/run` runs it after the main suite).
 """
@@ -75,12 +77,20 @@ def test_a_fault_ends_truthfully_and_the_run_resumes_exactly(tmp_path, token_cac
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
     assert run.returncode == EXPECTED[sig][phase], stderr[-3000:]
-    assert "Traceback" not in stderr or sig == "SIGKILL", stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    if sig == "SIGKILL":  # what the out-of-memory killer does: the line names the rank, before any other
+        assert errors[0].startswith(f"error: rank {processes - 1} was killed by SIGKILL"), stderr[-3000:]
+        assert sum("was killed" in line for line in errors) == 1, stderr[-3000:]
+        if processes == 2:
+            assert any("rank 0: lost contact with rank 1" in line for line in errors[1:]), stderr[-3000:]
     deadline = time.monotonic() + 10
     while [p for p in psutil.process_iter(["environ"]) if under(p, tmp_path)] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in psutil.process_iter(["environ"]) if under(p, tmp_path)], "a process was left running"
     checkpoints = tmp_path / "run" / "checkpoints"
+    if sig != "SIGKILL" and phase in ("training", "checkpoint", "eval"):  # a checkpoint at the next log step
+        assert (checkpoints / "latest").is_file() and not list(checkpoints.glob("*.partial"))
     if (checkpoints / "latest").is_file():
         assert (checkpoints / (checkpoints / "latest").read_text() / "training_state.json").is_file()
     if run.returncode != 0:

@@ -286,7 +286,7 @@ def test_a_job_requeued_on_fewer_nodes_resumes_with_the_same_global_batch(tmp_pa
     assert "resuming on 4 per device x 1 process(es) x 2 accumulation" in " ".join(on_one.split())
 
 
-@pytest.mark.slow
+@pytest.mark.faults  # signals: with the fault matrix (`make test-faults`, .ci/run's second step)
 @pytest.mark.parametrize(
     ("sent", "requeued"), [(signal.SIGUSR1, True), (signal.SIGTERM, False)], ids=["USR1-requeues", "TERM-stops"]
 )
