@@ -19,9 +19,9 @@ test:
 	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup tests
 
 # The fault matrix: Ctrl-C, SIGTERM and SIGKILL at every phase of a run, on 1 and 2 processes (tests/test_faults.py),
-# the other signal and kill tests, the compiled runs, and the bad-input rows through accel-dp run on 1 process.
+# the other signal and kill tests, and the compiled runs.
 test-faults:
-	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "faults or compile or launch_matrix" tests
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "faults or compile" tests
 
 lint:
 	$(PYTHON) -m ruff check accel_dp recipes tests benchmarks

@@ -5,7 +5,7 @@ the documentation and the behaviour cannot drift apart. A case builds its input 
 command; the test runs it, then checks the message, the exit status, and that no file under tmp_path was
 created, changed or removed. Each recipe row runs three ways: the recipe called directly, and through
 `accel-dp run` on 1 and on 2 CPU processes (the path most users take: one line, not one per process, no launcher
-traceback, the recipe's exit status); most rows on 1 process run with the fault matrix (see LAUNCHES).
+traceback, the recipe's exit status).
 """
 
 from __future__ import annotations
@@ -236,19 +236,10 @@ def check_one_line_exit_2_and_nothing_written(case: str, code, stderr: str, tmp_
 
 
 RECIPE_CASES = sorted(case for case in CASES if not case.startswith("cli-"))
-# `make test` runs every row through accel-dp run on 2 processes, where the ranks can differ (which of them checks,
-# which says so), and two rows on 1 process, through accelerate's one-process launcher: one refused by its arguments,
-# one by its checkpoint. The other rows on 1 process run with the fault matrix (`make test-faults`, marker
-# launch_matrix): every row, both ways, on every CI run.
-ONE_PROCESS_IN_MAKE_TEST = ("kit-batch-size-zero", "kit-corrupted-checkpoint")
-LAUNCHES = [
-    pytest.param(case, processes, marks=[] if processes == 2 or case in ONE_PROCESS_IN_MAKE_TEST
-                 else [pytest.mark.launch_matrix])
-    for case in RECIPE_CASES for processes in (1, 2)
-]  # fmt: skip
 
 
-@pytest.mark.parametrize(("case", "processes"), LAUNCHES)
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("case", RECIPE_CASES)
 def test_bad_input_through_accel_dp_run_gives_the_same_one_line_and_exit_2(case, processes, tmp_path, token_cache,
                                                                            capfd):  # fmt: skip
     program, argv = CASES[case](tmp_path, token_cache)
