@@ -19,7 +19,7 @@ test:
 	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup tests
 
 # The fault matrix: Ctrl-C, SIGTERM and SIGKILL at every phase of a run, on 1 and 2 processes (tests/test_faults.py),
-# the other signal and kill tests, and the compiled runs.
+# the other signal and kill tests, and the compiled runs (.ci/run's second step).
 test-faults:
 	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "faults or compile" tests
 

@@ -35,7 +35,9 @@ ERROR_DIR_VARIABLE = "ACCEL_DP_ERROR_DIR"  # the run kit writes each process's e
 
 
 def exit_status(error: BaseException | None) -> tuple[int, int | None]:
-    """(exit status, global rank of the first process that failed on its own) for how the launcher ended."""
+    """(exit code, global rank of the first process that failed on its own) for how the launcher ended: -N for a
+    process that signal N killed (as subprocess gives it), so that one is told from a process that exited with 128 + N
+    on its own (a recipe stopped by Ctrl-C exits 130 after its checkpoint)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if error is None:
@@ -43,7 +45,7 @@ def exit_status(error: BaseException | None) -> tuple[int, int | None]:
     if isinstance(error, SystemExit):  # accelerate's launcher with --quiet exits 1 for any failure
         return (error.code if isinstance(error.code, int) else 1), 0
     if isinstance(error, subprocess.CalledProcessError):  # the one-process launcher: the recipe's own status
-        return as_status(error.returncode), 0
+        return error.returncode, 0
     if isinstance(error, ChildFailedError):
         # The first process that ended on its own decides: by its own exit status, or killed from outside (SIGKILL:
         # the out-of-memory killer, kill -9), whereupon the others stop with "lost contact". Those the launcher then
@@ -55,7 +57,7 @@ def exit_status(error: BaseException | None) -> tuple[int, int | None]:
             return (failure.exitcode < 0 and not killed, failure.timestamp, not killed, rank)
 
         rank, failure = min(error.failures.items(), key=order)
-        return as_status(failure.exitcode), rank
+        return failure.exitcode, rank
     raise error
 
 
@@ -64,15 +66,18 @@ def as_status(code: int) -> int:
 
 
 def killed_line(code: int, rank: int | None) -> str | None:
-    """The line for a process that a signal killed before it could say why (its status is 128 + N)."""
-    if code <= 128 or code - 128 not in signal.valid_signals():
+    """The line for a process that a signal killed before it could say why (its exit code is -N)."""
+    if code >= 0 or -code not in signal.valid_signals():
         return None
-    name = signal.Signals(code - 128).name
-    cause = "the kernel's out-of-memory killer or a kill -9" if name == "SIGKILL" else "a signal from outside"
-    return (
-        f"error: rank {rank or 0} was killed by {name} ({cause}), exit status {code}: if memory ran out, lower the "
-        "batch or the model; run the same command with --resume_from_checkpoint latest to continue"
-    )
+    name, resume = signal.Signals(-code).name, "run the same command with --resume_from_checkpoint latest to continue"
+    if name == "SIGKILL":
+        cause, advice = (
+            "the kernel's out-of-memory killer or a kill -9",
+            f"if memory ran out, lower the batch or the model; {resume}",
+        )
+    else:
+        cause, advice = "a signal from outside", resume
+    return f"error: rank {rank or 0} was killed by {name} ({cause}), exit status {as_status(code)}: {advice}"
 
 
 def report_errors(error_dir: Path, first_rank: int | None, code: int) -> None:
@@ -153,7 +158,7 @@ def run(launch_args: list[str], env: dict[str, str] | None = None) -> int:
         code, first_rank = 1, None
     report_errors(error_dir, first_rank, code)
     shutil.rmtree(error_dir, ignore_errors=True)
-    return code
+    return as_status(code)
 
 
 if __name__ == "__main__":

@@ -204,3 +204,21 @@ def test_console_script_works_from_another_folder(tmp_path: Path):
     )
     assert result.returncode == 0, result.stderr
     assert str(REPO_ROOT / "recipes" / "gpt_pretrain.py") in " ".join(result.stdout.split())
+
+
+def test_only_a_process_a_signal_killed_is_reported_as_killed_and_only_sigkill_blames_memory():
+    """A recipe stopped by Ctrl-C exits 130 on its own, after its checkpoint: no "killed by SIGINT" line. A process
+    killed by a signal gets the shell's 128 + N and one line; only SIGKILL (the out-of-memory killer) mentions
+    memory."""
+    import subprocess
+
+    from accel_dp.runner import as_status, exit_status, killed_line
+
+    code, rank = exit_status(subprocess.CalledProcessError(130, ["recipe"]))  # accelerate's one-process launcher
+    assert as_status(code) == 130 and killed_line(code, rank) is None
+    code, rank = exit_status(subprocess.CalledProcessError(-9, ["recipe"]))
+    assert as_status(code) == 137 and "rank 0 was killed by SIGKILL" in killed_line(code, rank)
+    assert "memory" in killed_line(code, rank)
+    code, rank = exit_status(subprocess.CalledProcessError(-2, ["recipe"]))
+    assert as_status(code) == 130 and "killed by SIGINT" in killed_line(code, rank)
+    assert "memory" not in killed_line(code, rank)

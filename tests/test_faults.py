@@ -1,7 +1,7 @@
 """The fault matrix, through `accel-dp run` on 1 and 2 processes: {Ctrl-C, a preemption's SIGTERM, SIGKILL of one
 worker} x {token-cache build, before the first step, mid-training, during a checkpoint save, during evaluation,
 during the final save}. Each case checks the exit status, that no process is left, that `latest` names a whole
-checkpoint (and, after Ctrl-C or SIGTERM in training, that there is one, with no partial folder left), that a
+checkpoint (and, after Ctrl-C or SIGTERM in training, the one written where the run stopped, no partial left), that a
 SIGKILL is told by one line naming the killed rank (and, with 2, the survivor's line after it), and that running the
 same command with --resume_from_checkpoint latest ends bitwise where a run that was never interrupted ends. The
 faults are delivered by tests/fault_injection/sitecustomize.py, from inside rank 0 at the phase, as a user, a
@@ -13,6 +13,7 @@ Run with `pytest -m faults` (about 36 x 15 s; `.ci/run` runs it after the main s
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,7 +49,8 @@ def accel_dp_run(processes: int, run_args: list[str], **fault: str) -> subproces
                "--main-port", str(free_port()), "--", *run_args]  # fmt: skip
     pythonpath = os.pathsep.join([str(REPO_ROOT / "tests" / "fault_injection"), str(REPO_ROOT)])
     env = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, **fault)
-    return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,8 @@ def uninterrupted(tmp_path_factory, token_cache) -> dict[int, torch.Tensor]:
     finals = {}
     for processes in (1, 2):
         run = accel_dp_run(processes, args(folder / str(processes), token_cache))
-        assert run.wait(timeout=300) == 0, run.stderr.read()[-3000:]
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-3000:]
         finals[processes] = saved_parameters(folder / str(processes))
     return finals
 
@@ -72,7 +75,7 @@ def test_a_fault_ends_truthfully_and_the_run_resumes_exactly(tmp_path, token_cac
     run_args = args(tmp_path / "run", cache)
     run = accel_dp_run(processes, run_args, ACCEL_DP_FAULT_PHASE=phase, ACCEL_DP_FAULT_SIGNAL=sig)
     try:
-        _, stderr = run.communicate(timeout=300)
+        stdout, stderr = run.communicate(timeout=300)
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
@@ -84,13 +87,17 @@ def test_a_fault_ends_truthfully_and_the_run_resumes_exactly(tmp_path, token_cac
         assert sum("was killed" in line for line in errors) == 1, stderr[-3000:]
         if processes == 2:
             assert any("rank 0: lost contact with rank 1" in line for line in errors[1:]), stderr[-3000:]
+    else:  # the processes stopped on their own, after Ctrl-C as after a preemption: none was killed
+        assert not any("was killed" in line for line in errors), stderr[-3000:]
     deadline = time.monotonic() + 10
     while [p for p in psutil.process_iter(["environ"]) if under(p, tmp_path)] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in psutil.process_iter(["environ"]) if under(p, tmp_path)], "a process was left running"
     checkpoints = tmp_path / "run" / "checkpoints"
-    if sig != "SIGKILL" and phase in ("training", "checkpoint", "eval"):  # a checkpoint at the next log step
-        assert (checkpoints / "latest").is_file() and not list(checkpoints.glob("*.partial"))
+    if sig != "SIGKILL" and phase in ("training", "checkpoint", "eval"):  # a checkpoint where the run stopped
+        [stopped_at] = re.findall(r"at step (\d+): checkpoint written", stdout + stderr) or [None]
+        assert stopped_at and (checkpoints / "latest").read_text() == f"step-{int(stopped_at):07d}", stderr[-3000:]
+        assert not list(checkpoints.glob("*.partial"))
     if (checkpoints / "latest").is_file():
         assert (checkpoints / (checkpoints / "latest").read_text() / "training_state.json").is_file()
     if run.returncode != 0:
