@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DATA_DIR, RECIPES_DIR, free_port, load_recipe, subprocess_env, tiny_bert
+from conftest import DATA_DIR, RECIPES_DIR, accel_dp_run, free_port, load_recipe, subprocess_env, tiny_bert
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -390,9 +390,11 @@ def test_a_half_precision_checkpoint_trains_on_fp32_master_weights(tmp_path):
         assert {saved.get_tensor(name).dtype for name in saved.keys()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_a_glue_tsv_given_as_train_file_is_read_as_glue_writes_it(tmp_path):
     """MRPC's rows as a plain sentence1/sentence2/label TSV: about 1 row in 10 starts a sentence with a quote, which
-    a CSV reader would pair with the next one. Every row comes back whole, in order."""
+    a CSV reader would pair with the next one. Every row comes back whole, in order: in the reader, and through
+    accel-dp run on 2 processes, whose predictions file lists every validation row's label in order."""
     import glue_data
 
     with open(MRPC / "train.tsv", encoding="utf-8-sig") as f:
@@ -404,3 +406,9 @@ def test_a_glue_tsv_given_as_train_file_is_read_as_glue_writes_it(tmp_path):
     table = glue_data.from_table("mrpc", glue_data.read_tsv_table(str(path)), str(path))
     assert table["sentence2"] == [r["#2 String"] for r in rows]
     assert table["label"] == [int(r["Quality"]) for r in rows]
+    args = ["--model_name_or_path", tiny_bert(), "--train_file", str(path), "--validation_file", str(path),
+            "--max_train_samples", "8", "--max_length", "32", "--max_train_steps", "1",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    assert accel_dp_run("glue-bert", 2, args) == 0
+    with open(tmp_path / "out" / "eval_predictions.tsv") as f:
+        assert [int(r["label"]) for r in csv.DictReader(f, delimiter="\t")] == table["label"]

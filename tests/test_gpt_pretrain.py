@@ -221,7 +221,8 @@ def test_block_size_beyond_the_models_positions_is_refused(tmp_path, token_cache
 def test_padded_vocabulary_rows_are_never_trained_on_nor_generated(tmp_path, token_cache):
     """--vocab_size 80 over Tiny Shakespeare's 65 characters: the 15 extra rows take no gradient (the loss is over
     the tokenizer's tokens only), so AdamW leaves them as they were but for weight decay; no sampled id reaches them,
-    in the recipe's sample or through pipeline("text-generation") on the saved model."""
+    in the recipe's sample or through pipeline("text-generation") on the saved model. Trained through accel-dp run on
+    2 processes."""
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
@@ -229,8 +230,9 @@ def test_padded_vocabulary_rows_are_never_trained_on_nor_generated(tmp_path, tok
     argv = gpt_args(
         tmp_path / "run", token_cache, "--vocab_size", "80", "--max_train_steps", "10", "--sample_tokens", "64"
     )
-    results = recipe.main(argv)
+    assert accel_dp_run("gpt-pretrain", 2, argv) == 0
     out = tmp_path / "run"
+    results = json.loads((out / "all_results.json").read_text())
     trained = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert trained.config.vocab_size == 80 and len(tokenizer) == 65 and results["optimizer_steps"] == 10
