@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-# The recipes import their modules (run_kit, token_cache, glue_data) as siblings, as `python recipes/x.py` finds them;
-# benchmarks import them by the same names.
+# The recipes import their modules (checkpointing, metering, token_cache, ...) as siblings, as `python recipes/x.py`
+# finds them; benchmarks import them by the same names.
 sys.path.insert(0, str(RECIPES_DIR))
 
 
@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def recipe_module(name: str):
-    """One of the modules beside the recipes (run_kit, token_cache, glue_data), as the recipes import it."""
+    """One of the modules beside the recipes (checkpointing, metering, token_cache, ...), as the recipes import it."""
     return importlib.import_module(name)
 
 

@@ -54,7 +54,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import load_recipe, recipe_module, warn_if_busy
 
-glue_data, run_kit = recipe_module("glue_data"), recipe_module("run_kit")  # the modules beside the recipes
+glue_data, metering = recipe_module("glue_data"), recipe_module("metering")  # the modules beside the recipes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 1.03
@@ -87,7 +87,7 @@ class RecipeSide:
         self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
             model, optimizer, loader, scheduler
         )
-        self.meter = run_kit.Meter(accelerator, unit, time.perf_counter())
+        self.meter = metering.Meter(accelerator, unit, time.perf_counter())
         self.batches, self.step, self.train_step = iter(self.loader), 0, step
         self.model.train()
 
@@ -183,7 +183,7 @@ def build_gpt(args, total_steps: int):
         step_scheduler_with_optimizer=False,
     )
     optimizer, scheduler = recipe.optimizer_and_schedule(defaults, model)
-    flops_per_token = run_kit.FlopsPerToken.of(model)(block_size)
+    flops_per_token = metering.FlopsPerToken.of(model)(block_size)
 
     def step(side):
         batch = itertools.islice(side.batches, 1)
@@ -289,7 +289,7 @@ def build_glue(args, total_steps: int):
     )
     optimizer, scheduler, _ = recipe.optimizer_and_schedule(defaults, model, total_steps)
     layout = recipe.EpochLayout(len(tokenized), batch_size, 1, 1)
-    flops_per_token = run_kit.FlopsPerToken.of(model)
+    flops_per_token = metering.FlopsPerToken.of(model)
 
     def step(side):  # one micro-batch per step, counted from the epoch's start as the recipe's loop does
         batch = itertools.islice(side.batches, 1)

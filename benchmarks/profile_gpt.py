@@ -28,7 +28,7 @@ STAGES = {
     "gradient clipping + non-finite check": [("accelerate/accelerator.py", "clip_grad_norm_")],
     "data loading": [("accelerate/data_loader.py", "__iter__")],
     "evaluation": [("gpt_pretrain.py", "evaluate")],
-    "logging (loss reduce + metrics.jsonl)": [("accelerate/accelerator.py", "reduce"), ("run_kit.py", "__call__")],
+    "logging (loss reduce + metrics.jsonl)": [("accelerate/accelerator.py", "reduce"), ("run_log.py", "__call__")],
     "preemption check": [("accelerate/accelerator.py", "check_trigger")],
     "token cache + model build (start-up)": [
         ("token_cache.py", "prepare_token_cache"),

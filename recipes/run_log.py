@@ -1,0 +1,56 @@
+"""The run's record: <output_dir>/metrics.jsonl, one JSON object a line ({"step": N, ...}), and accelerate's trackers
+(tensorboard, wandb: one tracker run per job, with the whole config), written by the main process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+from messages import logger
+
+
+class RunLog:
+    """Making it creates the output folder: do it once the data and the model are known to be good, so that bad input
+    leaves nothing behind. On a resume, what the interrupted run logged after its checkpoint (`resumed_step`) is
+    forgotten; on a fresh start, an earlier metrics.jsonl is. `config` goes to the trackers."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        output_dir: Path,
+        resumed_step: int | None,
+        tracker_project: str,
+        config: dict,
+    ):
+        self.accelerator, self.path = accelerator, output_dir / "metrics.jsonl"
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if resumed_step is None:
+                self.path.unlink(missing_ok=True)
+            elif self.path.is_file():
+                lines = self.path.read_text().splitlines()
+                self.path.write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= resumed_step))
+        if accelerator.log_with:
+            accelerator.project_configuration.set_directories(str(output_dir))  # tensorboard logs go under it
+            plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+            accelerator.init_trackers(
+                tracker_project,
+                config={
+                    **plain,
+                    "world_size": accelerator.num_processes,
+                    "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+                },
+                init_kwargs={"wandb": {"dir": str(output_dir), "name": output_dir.name}},
+            )
+
+    def __call__(self, record: dict, message: str | None = None) -> None:
+        """A record ({"step": N, ...}) in metrics.jsonl and the trackers, and a line for the user."""
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if message:
+            logger.info(message)
