@@ -10,8 +10,10 @@ import functools
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,9 @@ RECIPES_DIR = REPO_ROOT / "recipes"
 CONFIGS_DIR = REPO_ROOT / "accelerate_configs"
 DATA_DIR = REPO_ROOT / "data"
 SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"
+# The run kit: the modules beside the recipes that both import (docs/layout.md says what each holds).
+KIT_MODULES = ("accelerator_setup.py", "checkpointing.py", "faults.py", "messages.py", "metering.py", "run_args.py",
+               "run_folder.py", "run_kit.py", "run_log.py", "training.py")  # fmt: skip
 # This checkout's accel_dp, whatever else is installed (a bare `pytest` puts only tests/ on the path; the CLI
 # subprocesses get the same through subprocess_env's PYTHONPATH).
 sys.path.insert(0, str(REPO_ROOT))
@@ -54,6 +59,19 @@ def reset_accelerate_state() -> None:
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """In-process runs use one thread: on a 2-core machine shared with another job (make test runs two workers), two
+    OpenMP threads that spin-wait for each other make tiny runs 5-10 times slower; one thread costs little when
+    idle."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
@@ -175,6 +193,23 @@ def tiny_gpt_run(tmp_path_factory, token_cache) -> Path:
     return output_dir
 
 
+def glue_args(output_dir: Path, *extra: str) -> list[str]:
+    """glue_bert arguments for the tiny BERT (tiny_bert) on 37 MRPC pairs of 32 tokens, in batches of 4 (the last
+    of an epoch holds 1), one epoch, a log line at every step: seconds on CPU. Flags in `extra` come last and
+    override these."""
+    return [
+        "--model_name_or_path", tiny_bert(), "--max_train_samples", "37", "--max_eval_samples", "8",
+        "--max_length", "32", "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--log_every", "1",
+        "--output_dir", str(output_dir), *extra,
+    ]  # fmt: skip
+
+
+def accel_dp_command(recipe: str, processes: int, args: list[str]) -> list[str]:
+    """`accel-dp run RECIPE --cpu --procs N -- ARGS` as a command of its own process, on a free port."""
+    return [sys.executable, "-m", "accel_dp.cli", "run", recipe, "--cpu", "--procs", str(processes),
+            "--main-port", str(free_port()), "--", *args]  # fmt: skip
+
+
 def accel_dp_run(recipe: str, processes: int, args: list[str]) -> int:
     """`accel-dp run RECIPE --cpu --procs N -- ARGS` run in this process (its processes' output is the test's): the
     launch users take, without the start-up of one more Python process. Returns its exit status."""
@@ -187,26 +222,101 @@ def accel_dp_run(recipe: str, processes: int, args: list[str]) -> int:
     return run(launch.launcher_args, launch.env)
 
 
+def gpt_resumable_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
+    """Dropout on, so that resuming must restore every rank's random state too; 120 steps, so a kill right
+    after the first checkpoint lands mid-run."""
+    return gpt_args(output_dir, token_cache, "--n_embd", "64", "--dropout", "0.1", "--per_device_train_batch_size",
+                    "8", "--max_train_steps", "120", "--num_warmup_steps", "10", "--log_every", "10",
+                    "--eval_every", "60", "--eval_iters", "2", "--mixed_precision", "no", "--sample_tokens", "0",
+                    *extra)  # fmt: skip
+
+
+def glue_resumable_args(output_dir: Path, *extra: str) -> list[str]:
+    """70 MRPC pairs in batches of 6: 12 batches an epoch on one process (the last holds 4), 6 on two; 2 epochs,
+    dropout on (the model's own 0.1)."""
+    return glue_args(output_dir, "--max_train_samples", "70", "--max_eval_samples", "16", "--max_length", "48",
+                     "--per_device_train_batch_size", "6", "--per_device_eval_batch_size", "8", "--num_train_epochs",
+                     "2", "--learning_rate", "5e-5", "--log_every", "2", *extra)  # fmt: skip
+
+
+def recipe_command(recipe: str, procs: int, args: list[str], via_accel_dp: bool = False) -> list[str]:
+    """One process: the recipe itself (or through `accel-dp run`); several: `accel-dp run --cpu --procs N`."""
+    if procs == 1 and not via_accel_dp:
+        return [sys.executable, str(RECIPES_DIR / f"{recipe.replace('-', '_')}.py"), *args]
+    return accel_dp_command(recipe, procs, args)
+
+
+def run_to_the_end(recipe: str, procs: int, args: list[str]) -> None:
+    """One process: the recipe itself; several: `accel-dp run --cpu --procs N`."""
+    if procs == 1:
+        result = subprocess.run(recipe_command(recipe, 1, args), env=subprocess_env(), capture_output=True, text=True,
+                                timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        assert accel_dp_run(recipe, procs, args) == 0
+
+
+def run_and_kill_after_first_checkpoint(recipe: str, procs: int, args: list[str], output_dir: Path) -> None:
+    process = subprocess.Popen(recipe_command(recipe, procs, args), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    try:
+        while not (output_dir / "checkpoints" / "latest").is_file():
+            assert process.poll() is None, "the run ended before writing a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.02)
+    finally:
+        kill_process_tree(process.pid)  # every process of the run, at once, mid-training
+        process.wait()
+    assert not (output_dir / "all_results.json").exists(), "the run finished before it was killed"
+
+
+def logged_curve(output_dir: Path) -> list[tuple]:
+    return [tuple(r.get(k) for k in ("step", "loss", "eval_loss", "eval_accuracy")) for r in read_metrics(output_dir)]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, token_cache):
+    """The reference runs for kill-and-resume tests, made once per worker, recipe and number of processes (a
+    checkpoint or a signal does not change a run): xdist_group keeps the tests of one reference on one worker."""
+    done = {}
+
+    def get(recipe: str, procs: int) -> Path:
+        if (recipe, procs) not in done:
+            out = tmp_path_factory.mktemp(f"{recipe}-{procs}") / "whole"
+            args = gpt_resumable_args(out, token_cache) if recipe == "gpt-pretrain" else glue_resumable_args(out)
+            run_to_the_end(recipe, procs, args)
+            done[recipe, procs] = out
+        return done[recipe, procs]
+
+    return get
+
+
+def assert_refused_before_any_work(result: subprocess.CompletedProcess, message: str, output_dir: Path) -> None:
+    """A run in a process of its own refused with `message` as its first error line, before its output folder."""
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and message in errors[0], result.stderr[-3000:]
+    assert not output_dir.exists()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, however deep (torch's launcher starts each rank in a session of its own)."""
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def kill_process_tree(pid: int, sig: int | None = None) -> None:
-    """SIGKILL (or `sig`) a process and every descendant at once, as a machine that dies would. (torch's launcher starts
-    each
-    rank in a session of its own, so killing the launcher's process group leaves the ranks running.)"""
+    """SIGKILL (or `sig`) a process and every descendant at once, as a machine that dies would. (torch's launcher
+    starts each rank in a session of its own, so killing the launcher's process group leaves the ranks running.)"""
     import contextlib
     import signal
 
-    parents = {}
-    for proc in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-
-    def descends(candidate: int) -> bool:
-        while candidate > 1:
-            candidate = parents.get(candidate, 0)
-            if candidate == pid:
-                return True
-        return False
-
-    for victim in [pid, *filter(descends, parents)]:
+    for victim in [pid, *descendants(pid)]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL if sig is None else sig)
 

@@ -11,7 +11,7 @@ and communication independently of anything the recipe reports about itself.
 If the recipe registered a communication hook of its own (--ddp_comm_hook), the counting hook is left out (DDP takes
 one hook) and the record names the recipe's hook instead. Every rank also counts the bytes it hands to
 torch.distributed.all_reduce, by who calls it: "gradients" (DDP communication hooks, compressed or not), "parameters"
-(the run kit's LocalSGD.average) and "other" (the recipe's loss and trigger reductions). Under Local SGD it also keeps
+(training.py's LocalSGD.average) and "other" (the recipe's loss and trigger reductions). Under Local SGD it also keeps
 the parameters as they were right after the last `local_sgd.step(...)`, before the final averaging.
 """
 
@@ -42,7 +42,7 @@ def caller_kind() -> str:
         name = frame.f_code.co_filename.replace(os.sep, "/")
         if "/ddp_comm_hooks/" in name:
             return "gradients"
-        if name.endswith("recipes/run_kit.py") and frame.f_code.co_name == "average":
+        if name.endswith("recipes/training.py") and frame.f_code.co_name == "average":
             return "parameters"
         frame = frame.f_back
     return "other"
@@ -107,8 +107,8 @@ spec = importlib.util.spec_from_file_location(recipe_name, path)
 recipe = importlib.util.module_from_spec(spec)
 sys.modules[recipe_name] = recipe
 spec.loader.exec_module(recipe)
-import run_kit  # noqa: E402  (the module the recipe imports, beside it)
+import training  # noqa: E402  (the module the recipe imports, beside it)
 
-original_local_sgd_step = run_kit.LocalSGD.step
-run_kit.LocalSGD.step = local_sgd_step_and_keep
+original_local_sgd_step = training.LocalSGD.step
+training.LocalSGD.step = local_sgd_step_and_keep
 recipe.main(recipe_args)

@@ -11,6 +11,7 @@ ACCELERATE_USE_CPU to them, so each one runs alone as rank 0 of 1. ACCELERATE_US
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -21,6 +22,8 @@ import pytest
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
 from accelerate.utils import DistributedType
 from conftest import CONFIGS_DIR, subprocess_env
+
+from accel_dp import runner
 
 EXPECTED = {
     "cpu.yaml": (DistributedType.NO, 1, True),
@@ -155,3 +158,19 @@ def test_cli_overrides_win_over_the_yaml(path: Path):
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "x.py"]))
     assert args.num_processes == EXPECTED[path.name][1]
     assert args.mixed_precision == "no"
+
+
+def test_one_gpu_config_leaves_the_visible_gpu_to_the_caller(tmp_path):
+    """single_gpu.yaml must not pin GPU 0: under CUDA_VISIBLE_DEVICES=3 (or a Slurm allocation of one GPU) the
+    process sees what the caller gave it. Through accelerate's launcher for real (no GPU is needed to see it)."""
+    script = tmp_path / "show.py"
+    script.write_text(f"import os; open({str(tmp_path / 'seen')!r}, 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])")
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = "3"
+    try:
+        assert runner.run(["--config_file", str(CONFIGS_DIR / "single_gpu.yaml"), str(script)]) == 0
+    finally:
+        os.environ.pop("CUDA_VISIBLE_DEVICES")
+        if before is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+    assert (tmp_path / "seen").read_text() == "3"

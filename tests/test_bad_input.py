@@ -20,8 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import DATA_DIR, REPO_ROOT, free_port, gpt_args, load_recipe, reset_accelerate_state
+from conftest import DATA_DIR, REPO_ROOT, free_port, glue_args, gpt_args, load_recipe, reset_accelerate_state
 from typer.testing import CliRunner
 
 from accel_dp.cli import app
@@ -38,19 +37,6 @@ def documented_rows() -> dict[str, str]:
         if len(cells) >= 4 and re.fullmatch(r"`[a-z0-9-]+`", cells[0]):
             rows[cells[0].strip("`")] = cells[-1].strip("`").strip()
     return rows
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def glue_small(tmp: Path, *extra: str) -> list[str]:
-    return ["--max_train_samples", "8", "--max_eval_samples", "8", "--max_length", "32",
-            "--per_device_train_batch_size", "4", "--output_dir", str(tmp / "out"), *extra]  # fmt: skip
 
 
 def mrpc_folder(tmp: Path, train_rows: str, header: str = MRPC_HEADER) -> Path:
@@ -85,7 +71,7 @@ def gpt(tmp: Path, token_cache: Path, *extra: str) -> tuple[str, list[str]]:
 
 
 def glue(tmp: Path, *extra: str) -> tuple[str, list[str]]:
-    return "glue_bert", glue_small(tmp, *extra)
+    return "glue_bert", glue_args(tmp / "out", "--max_train_samples", "8", *extra)
 
 
 def tsv_files(tmp: Path, train_rows: str) -> list[str]:

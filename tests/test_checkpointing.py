@@ -1,102 +1,153 @@
-"""A run killed with SIGKILL and resumed from its last checkpoint ends exactly where an uninterrupted run ends,
-for both recipes, mid-epoch included, on 1 and 2 processes; and a checkpoint is never half-visible."""
+"""recipes/checkpointing.py: the Checkpointer alone (save, restore, prune, `latest`, another layout) on a tiny model
+in this process; then whole runs: a run killed with SIGKILL and resumed from its last checkpoint ends exactly where
+an uninterrupted run ends, for both recipes, mid-epoch included, on 1 and 2 processes; a checkpoint is never
+half-visible, never runs code, and resumes on another number of processes (elastic resume)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import pickle
 from pathlib import Path
 
+import checkpointing
 import pytest
 import torch
 from conftest import (
-    RECIPES_DIR,
     accel_dp_run,
-    free_port,
+    fp32_gpt_args,
+    glue_args,
+    glue_resumable_args,
     gpt_args,
-    kill_process_tree,
+    gpt_resumable_args,
     load_recipe,
+    logged_curve,
     read_metrics,
+    reset_accelerate_state,
+    run_and_kill_after_first_checkpoint,
+    run_to_the_end,
     saved_parameters,
-    subprocess_env,
-    tiny_bert,
 )
 
 
-def gpt_resumable_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
-    """Dropout on, so that resuming must restore every rank's random state too; 120 steps, so a kill right
-    after the first checkpoint lands mid-run."""
-    return gpt_args(output_dir, token_cache, "--n_embd", "64", "--dropout", "0.1", "--per_device_train_batch_size",
-                    "8", "--max_train_steps", "120", "--num_warmup_steps", "10", "--log_every", "10",
-                    "--eval_every", "60", "--eval_iters", "2", "--mixed_precision", "no", "--sample_tokens", "0",
-                    *extra)  # fmt: skip
+class Counter:
+    """A stateful part of a run, as the meter and the non-finite policy are."""
+
+    def __init__(self):
+        self.value = 0
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
 
 
-def glue_resumable_args(output_dir: Path, *extra: str) -> list[str]:
-    """70 MRPC pairs in batches of 6: 12 batches an epoch on one process (the last holds 4), 6 on two; 2 epochs,
-    dropout on (the model's own 0.1)."""
-    return ["--model_name_or_path", tiny_bert(), "--max_train_samples", "70", "--max_eval_samples", "16",
-            "--max_length", "48",
-            "--per_device_train_batch_size", "6", "--per_device_eval_batch_size", "8", "--num_train_epochs", "2",
-            "--learning_rate", "5e-5", "--log_every", "2", "--output_dir", str(output_dir), *extra]  # fmt: skip
+def tiny_run(root: Path, every=2, keep=None, layout=(4, 1, 1)):
+    """A linear model, its AdamW, a Counter and their Checkpointer in <root>/checkpoints, on one CPU process."""
+    from accelerate import Accelerator
+    from training import LocalSGD
+
+    reset_accelerate_state()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=layout[2])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1))
+    counter = Counter()
+    checkpointer = checkpointing.Checkpointer(
+        accelerator, checkpointing.CheckpointFolder(root / "checkpoints"), recipe="test",
+        layout=checkpointing.Layout(*layout), every=every, keep=keep, model=model, optimizer=optimizer,
+        local_sgd=LocalSGD(accelerator, model, None), parts={"counter": counter}, seed=0,
+        paused=lambda what: contextlib.nullcontext(),
+    )  # fmt: skip
+    return model, optimizer, counter, checkpointer
 
 
-def command(recipe: str, procs: int, args: list[str], via_accel_dp: bool = False) -> list[str]:
-    """One process: the recipe itself (or through `accel-dp run`); several: `accel-dp run --cpu --procs N`."""
-    if procs == 1 and not via_accel_dp:
-        return [sys.executable, str(RECIPES_DIR / f"{recipe.replace('-', '_')}.py"), *args]
-    return [sys.executable, "-m", "accel_dp.cli", "run", recipe, "--cpu", "--procs", str(procs),
-            "--main-port", str(free_port()), "--", *args]  # fmt: skip
+def train_one_step(model, optimizer) -> None:
+    model(torch.randn(3, 4)).square().sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
 
 
-def run(recipe: str, procs: int, args: list[str]) -> None:
-    """One process: the recipe itself; several: `accel-dp run --cpu --procs N`."""
-    if procs == 1:
-        result = subprocess.run(command(recipe, 1, args), env=subprocess_env(), capture_output=True, text=True,
-                                timeout=300)  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-    else:
-        assert accel_dp_run(recipe, procs, args) == 0
+def saved_steps(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "checkpoints").iterdir())
 
 
-def run_and_kill_after_first_checkpoint(recipe: str, procs: int, args: list[str], output_dir: Path) -> None:
-    process = subprocess.Popen(command(recipe, procs, args), env=subprocess_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 240
-    try:
-        while not (output_dir / "checkpoints" / "latest").is_file():
-            assert process.poll() is None, "the run ended before writing a checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.02)
-    finally:
-        kill_process_tree(process.pid)  # every process of the run, at once, mid-training
-        process.wait()
-    assert not (output_dir / "all_results.json").exists(), "the run finished before it was killed"
+def test_a_checkpoint_is_written_when_due_and_latest_names_the_newest_whole_one(tmp_path):
+    model, optimizer, counter, checkpointer = tiny_run(tmp_path, every=2)
+    for step in range(1, 6):
+        train_one_step(model, optimizer)
+        checkpointer.save(step)
+    assert saved_steps(tmp_path) == ["latest", "step-0000002", "step-0000004"]
+    assert checkpointer.folder.latest_name() == "step-0000004"
+    checkpointer.save(5, force=True)  # after a signal: a checkpoint whatever the cadence, once
+    checkpointer.save(5, force=True)
+    assert saved_steps(tmp_path) == ["latest", "step-0000002", "step-0000004", "step-0000005"]
+    state = json.loads((tmp_path / "checkpoints" / "step-0000005" / "training_state.json").read_text())
+    assert state["step"] == 5 and state["layout"] == {"per_device_train_batch_size": 4, "processes": 1,
+                                                      "gradient_accumulation_steps": 1}  # fmt: skip
+    for name, (size, digest) in state["files"].items():  # the manifest: every file at its size and checksum
+        assert (tmp_path / "checkpoints" / "step-0000005" / name).stat().st_size == size
+        assert checkpointing.sha256_of(tmp_path / "checkpoints" / "step-0000005" / name) == digest
 
 
-def loss_curve(output_dir: Path) -> list[tuple]:
-    return [tuple(r.get(k) for k in ("step", "loss", "eval_loss", "eval_accuracy")) for r in read_metrics(output_dir)]
+def test_only_the_newest_checkpoints_are_kept_and_never_the_one_latest_names(tmp_path):
+    model, optimizer, counter, checkpointer = tiny_run(tmp_path, every=1, keep=2)
+    for step in range(1, 5):
+        train_one_step(model, optimizer)
+        checkpointer.save(step)
+    assert saved_steps(tmp_path) == ["latest", "step-0000003", "step-0000004"]
+    _, _, _, never = tiny_run(tmp_path / "never", every=None)
+    never.save(1)
+    assert not (tmp_path / "never" / "checkpoints").exists()  # --checkpointing_steps not given: none
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, token_cache):
-    """The reference runs, once per recipe and number of processes (checkpointing does not change a run)."""
-    done = {}
+def test_restore_brings_back_the_weights_the_optimizer_the_parts_and_the_recipes_state(tmp_path):
+    model, optimizer, counter, checkpointer = tiny_run(tmp_path, every=2)
+    for _ in (1, 2):
+        train_one_step(model, optimizer)
+    counter.value = 7
+    checkpointer.save(2, {"epoch": 1, "order": torch.tensor([3, 1, 2])})
+    weights = [p.detach().clone() for p in model.parameters()]
+    moments = [v["exp_avg"].clone() for v in optimizer.optimizer.state.values()]
+    for step in (3, 4):  # a timeline that the resume abandons
+        train_one_step(model, optimizer)
+        checkpointer.save(step)
 
-    def get(recipe: str, procs: int) -> Path:
-        if (recipe, procs) not in done:
-            out = tmp_path_factory.mktemp(f"{recipe}-{procs}") / "whole"
-            args = gpt_resumable_args(out, token_cache) if recipe == "gpt-pretrain" else glue_resumable_args(out)
-            run(recipe, procs, args)
-            done[recipe, procs] = out
-        return done[recipe, procs]
+    resume = checkpointing.Resume.find(str(tmp_path / "checkpoints" / "step-0000002"), None, "test")
+    model, optimizer, counter, checkpointer = tiny_run(tmp_path, every=2)
+    assert checkpointer.restore(resume) == {"epoch": 1, "order": [3, 1, 2]}
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights, strict=True))
+    assert all(torch.equal(v["exp_avg"], m) for v, m in zip(optimizer.optimizer.state.values(), moments, strict=True))
+    assert counter.value == 7
+    assert saved_steps(tmp_path)[1:] == ["latest", "step-0000002"]
+    [aside] = (tmp_path / "checkpoints").glob("abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step-0000004"]  # moved aside, never deleted
+    assert checkpointer.folder.latest_name() == "step-0000002"
 
-    return get
+
+def test_another_layout_resumes_with_the_same_global_batch_and_refuses_another(tmp_path, capsys):
+    from accelerate import Accelerator
+    from messages import show_messages
+
+    model, optimizer, counter, checkpointer = tiny_run(tmp_path, every=1)  # 4 per device x 1 x 1
+    train_one_step(model, optimizer)
+    checkpointer.save(1)
+    folder = checkpointing.CheckpointFolder(tmp_path / "checkpoints")
+    resume = checkpointing.Resume.find("latest", folder, "test")
+    assert resume.step == 1 and resume.layout.global_batch == 4
+    assert resume.accumulation_keeping_global_batch(2, 1) == 2
+    assert resume.accumulation_keeping_global_batch(1, 2) == 2
+    assert resume.accumulation_keeping_global_batch(3, 1) is None  # 4 is not a multiple of 3
+    accelerator = Accelerator(cpu=True)
+    show_messages(accelerator)
+    resume.check(accelerator, checkpointing.Layout(2, 1, 2), "test")
+    assert "resuming on 2 per device x 1 process(es) x 2 accumulation" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        resume.check(accelerator, checkpointing.Layout(2, 1, 1), "test")
+    assert exit_info.value.code == 2
+    assert "written with a global batch of 4 (4 per device x 1 process(es) x 1 accumulation)" in capsys.readouterr().err
+    assert checkpointing.Resume.find("latest", checkpointing.CheckpointFolder(tmp_path / "none"), "test") is None
 
 
 @pytest.mark.faults  # kill-and-resume: with the fault matrix (`make test-faults`, .ci/run's second step)
@@ -110,14 +161,14 @@ def test_killed_gpt_run_resumed_from_latest_checkpoint_ends_bitwise_equal(tmp_pa
     run_and_kill_after_first_checkpoint(
         "gpt-pretrain", procs, gpt_resumable_args(killed, token_cache, *checkpointing), killed
     )
-    run(
+    run_to_the_end(
         "gpt-pretrain",
         procs,
         gpt_resumable_args(killed, token_cache, *checkpointing, "--resume_from_checkpoint", "latest"),
     )
 
     assert torch.equal(saved_parameters(killed), saved_parameters(whole))
-    assert loss_curve(killed) == loss_curve(whole)
+    assert logged_curve(killed) == logged_curve(whole)
     checkpoints = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert checkpoints == ["latest", "step-0000075", "step-0000100"]  # --checkpoints_total_limit 2, nothing partial
     assert (killed / "checkpoints" / "latest").read_text() == "step-0000100"
@@ -134,7 +185,7 @@ def test_killed_local_sgd_run_resumed_from_latest_checkpoint_ends_bitwise_equal(
         return gpt_resumable_args(out, token_cache, *extra)
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    run(recipe, 2, args(whole, "--local_sgd_steps", local_sgd))
+    run_to_the_end(recipe, 2, args(whole, "--local_sgd_steps", local_sgd))
     checkpointing = ["--local_sgd_steps", local_sgd, "--checkpointing_steps", every]
     run_and_kill_after_first_checkpoint(recipe, 2, args(killed, *checkpointing), killed)
     first = killed / "checkpoints" / f"step-{int(every):07d}"
@@ -142,10 +193,10 @@ def test_killed_local_sgd_run_resumed_from_latest_checkpoint_ends_bitwise_equal(
         "optimizer_rank_0.bin",
         "optimizer_rank_1.bin",
     ]
-    run(recipe, 2, args(killed, *checkpointing, "--resume_from_checkpoint", "latest"))
+    run_to_the_end(recipe, 2, args(killed, *checkpointing, "--resume_from_checkpoint", "latest"))
 
     assert torch.equal(saved_parameters(killed), saved_parameters(whole))
-    assert loss_curve(killed) == loss_curve(whole)
+    assert logged_curve(killed) == logged_curve(whole)
 
 
 @pytest.mark.faults  # kill-and-resume: with the fault matrix (`make test-faults`, .ci/run's second step)
@@ -170,10 +221,11 @@ def test_killed_glue_run_resumed_from_latest_checkpoint_ends_bitwise_equal(
     state = json.loads((killed / "checkpoints" / first_checkpoint / "training_state.json").read_text())
     if checkpointing_steps != "epoch":  # killed in the middle of the first epoch
         assert state["recipe"]["epoch"] == 0 and 0 < state["recipe"]["epoch_step"] < {1: 12, 2: 6}[procs]
-    run("glue-bert", procs, glue_resumable_args(killed, *checkpointing, "--resume_from_checkpoint", "latest"))
+    resumed = glue_resumable_args(killed, *checkpointing, "--resume_from_checkpoint", "latest")
+    run_to_the_end("glue-bert", procs, resumed)
 
     assert torch.equal(saved_parameters(killed), saved_parameters(whole))
-    assert loss_curve(killed) == loss_curve(whole)
+    assert logged_curve(killed) == logged_curve(whole)
     assert (killed / "eval_predictions.tsv").read_text() == (whole / "eval_predictions.tsv").read_text()
     whole_results = json.loads((whole / "all_results.json").read_text())
     killed_results = json.loads((killed / "all_results.json").read_text())
@@ -198,138 +250,6 @@ def test_resume_from_latest_with_no_checkpoint_starts_fresh_and_a_bad_path_is_re
     assert json.loads((tmp_path / "run" / "all_results.json").read_text())["optimizer_steps"] == 3
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Preemption: SIGTERM or SIGUSR1 makes every rank finish its step, checkpoint and exit 75; the same command with
-# --resume_from_checkpoint latest then ends exactly where an uninterrupted run ends.
-
-
-def signal_after_first_checkpoint(recipe: str, procs: int, args: list[str], output_dir: Path, send, via_accel_dp):
-    """Start a run, wait for its first checkpoint, call send(process) to signal it; its exit status and output.
-    Every process of the run has exited by the time the one started here has."""
-    process = subprocess.Popen(command(recipe, procs, args, via_accel_dp), env=subprocess_env(), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 240
-    try:
-        while not (output_dir / "checkpoints" / "latest").is_file():
-            assert process.poll() is None, "the run ended before writing a checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.02)
-        workers = descendants(process.pid)
-        send(process)
-        output, _ = process.communicate(timeout=120)
-        left = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
-        assert not left, f"processes of the run left behind: {left}"
-    finally:
-        kill_process_tree(process.pid)
-    assert not (output_dir / "all_results.json").exists(), "the run finished before the signal"
-    assert "preempted" in output, output[-2000:]
-    return process.returncode, output
-
-
-def descendants(launcher_pid: int) -> list[int]:
-    parents = {}
-    for proc in Path("/proc").iterdir():
-        with contextlib.suppress(OSError, ValueError):
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-
-    def descends(pid: int) -> bool:
-        while pid > 1:
-            pid = parents.get(pid, 0)
-            if pid == launcher_pid:
-                return True
-        return False
-
-    return list(filter(descends, parents))
-
-
-def rank_process(launcher_pid: int, rank: int) -> int:
-    """The pid of the worker with RANK=rank among the launcher's descendants."""
-    for pid in descendants(launcher_pid):
-        with contextlib.suppress(OSError):
-            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                return pid
-    raise AssertionError(f"no rank {rank} worker under {launcher_pid}")
-
-
-@pytest.mark.faults  # kill-and-resume: with the fault matrix (`make test-faults`, .ci/run's second step)
-@pytest.mark.parametrize(
-    ("recipe", "procs", "how"),
-    [pytest.param("gpt-pretrain", 1, "SIGUSR1", marks=pytest.mark.xdist_group("gpt-1")),
-     pytest.param("gpt-pretrain", 2, "SIGUSR1 to rank 1 only", marks=pytest.mark.xdist_group("gpt-2")),
-     pytest.param("glue-bert", 1, "SIGTERM to accel-dp", marks=pytest.mark.xdist_group("glue-1"))],
-)  # fmt: skip
-def test_preempted_run_checkpoints_exits_75_and_resumes_bitwise_equal(
-    tmp_path, token_cache, uninterrupted, recipe, procs, how
-):
-    whole, preempted = uninterrupted(recipe, procs), tmp_path / "preempted"
-
-    def args(*extra):
-        if recipe == "gpt-pretrain":
-            return gpt_resumable_args(preempted, token_cache, "--checkpointing_steps", "20", *extra)
-        return glue_resumable_args(preempted, "--checkpointing_steps", "9", *extra)
-
-    senders = {
-        "SIGUSR1": lambda process: process.send_signal(signal.SIGUSR1),
-        # 1 process: accelerate's own launcher would die without passing it on, and the recipe train on, orphaned.
-        # (With several, accel-dp sends it to each: tests/test_cli.py shows it, and the case below, one rank
-        # signalled, makes every rank checkpoint.)
-        "SIGTERM to accel-dp": lambda process: process.send_signal(signal.SIGTERM),
-        "SIGUSR1 to rank 1 only": lambda process: os.kill(rank_process(process.pid, 1), signal.SIGUSR1),
-    }
-    via_accel_dp = "accel-dp" in how or procs > 1
-    code, output = signal_after_first_checkpoint(recipe, procs, args(), preempted, senders[how], via_accel_dp)
-    assert code == 75 and "Traceback" not in output, output[-3000:]  # the recipe's status, through accel-dp too
-    if how == "SIGUSR1 to rank 1 only":
-        assert "preempted (a signal to another rank)" in output
-    latest = (preempted / "checkpoints" / "latest").read_text()
-    state = json.loads((preempted / "checkpoints" / latest / "training_state.json").read_text())
-    assert state["layout"]["processes"] == procs
-    assert all((preempted / "checkpoints" / latest / f"random_states_{r}.pkl").is_file() for r in range(procs))
-    run(recipe, procs, args("--resume_from_checkpoint", "latest"))
-    assert torch.equal(saved_parameters(preempted), saved_parameters(whole))
-    assert loss_curve(preempted) == loss_curve(whole)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Fail fast: a node that dies makes the survivors stop within seconds, naming the lost rank.
-
-
-@pytest.mark.faults  # (with the fault matrix: `make test-faults`, .ci/run's second step)
-@pytest.mark.parametrize("failure", ["killed", "frozen"])
-def test_when_a_node_dies_or_hangs_the_other_stops_within_seconds_naming_the_lost_rank(tmp_path, token_cache, failure):
-    """killed: its sockets close and the next collective fails at once. frozen (SIGSTOP, like a hung machine):
-    nothing closes, and --ddp_timeout bounds the wait."""
-    port = free_port()
-    nodes = []
-    for rank in (0, 1):
-        argv = [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--nodes", "2", "--procs", "1",
-                "--node-rank", str(rank), "--main-ip", "127.0.0.1", "--main-port", str(port), "--",
-                *gpt_resumable_args(tmp_path / f"node{rank}", token_cache, "--max_train_steps", "100000",
-                                    "--ddp_timeout", "10")]  # fmt: skip
-        nodes.append(subprocess.Popen(argv, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True, start_new_session=True))  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while not (tmp_path / "node0" / "metrics.jsonl").is_file():  # both ranks are training
-            assert all(node.poll() is None for node in nodes), "a node stopped before training"
-            assert time.monotonic() < deadline, "no training within 180 s"
-            time.sleep(0.05)
-        if failure == "killed":
-            kill_process_tree(nodes[1].pid)  # node 1 vanishes: launcher and rank at once
-        else:
-            kill_process_tree(nodes[1].pid, signal.SIGSTOP)  # node 1 stops answering
-        killed_at = time.monotonic()
-        _, stderr = nodes[0].communicate(timeout=60)
-        stopped_after = time.monotonic() - killed_at
-    finally:
-        for node in nodes:
-            kill_process_tree(node.pid)
-    assert nodes[0].returncode not in (0, None)
-    assert stopped_after < {"killed": 30, "frozen": 45}[failure]  # frozen: the 10 s timeout, then the check-in
-    assert "rank 0: lost contact with rank 1" in stderr, stderr[-3000:]
-    assert not (tmp_path / "node0" / "all_results.json").exists()
-
-
 def fail_on_second(original, matches):
     """`original`, except that its second call for which `matches(*args)` holds raises, as a crash or a full disk
     would at that point."""
@@ -351,7 +271,7 @@ def test_a_save_that_fails_at_any_point_leaves_latest_whole_and_the_resume_exact
     """Each point of a checkpoint save failed on purpose, at the second save (step 4 of 6): `latest` still names a
     whole checkpoint (step 2), and resuming from it ends bitwise where an uninterrupted run ends."""
     import accelerate
-    import run_kit
+    import checkpointing
     from conftest import reset_accelerate_state
 
     recipe = load_recipe("gpt_pretrain")
@@ -363,7 +283,7 @@ def test_a_save_that_fails_at_any_point_leaves_latest_whole_and_the_resume_exact
         "in save_state": (accelerate.Accelerator, "save_state", lambda *a: True),
         "before the manifest": (Path, "write_text", lambda path, *a: path.name == "training_state.json"),
         "before the rename": (Path, "rename", lambda path, *a: path.name.endswith(".partial")),
-        "before latest": (run_kit.os, "replace", lambda source, target, *a: str(target).endswith("latest")),
+        "before latest": (checkpointing.os, "replace", lambda source, target, *a: str(target).endswith("latest")),
     }[point]
     with monkeypatch.context() as patched:
         patched.setattr(injected[0], injected[1], fail_on_second(getattr(injected[0], injected[1]), injected[2]))
@@ -379,3 +299,242 @@ def test_a_save_that_fails_at_any_point_leaves_latest_whole_and_the_resume_exact
         assert not (checkpoints / "step-0000004.partial").exists()
     recipe.main([*args, "--resume_from_checkpoint", "latest"])
     assert torch.equal(saved_parameters(tmp_path / "run"), saved_parameters(tmp_path / "whole"))
+
+
+def fake_checkpoint(folder: Path, files: dict[str, bytes], layout: dict) -> Path:
+    """A checkpoint folder with `files` (as FSDP's or DeepSpeed's save_state lays them out) and its own state."""
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    files = {n: [len(d), checkpointing.sha256_of(folder / n)] for n, d in files.items()}
+    state = {"format": checkpointing.CHECKPOINT_FORMAT, "step": 4, "layout": layout, "per_process_optimizer": False,
+             "parts": {}, "recipe": {}, "files": files}  # fmt: skip
+    (folder / "training_state.json").write_text(json.dumps(state))
+    return folder
+
+
+def tensors_file() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"step": torch.tensor(4)}, buffer)
+    return buffer.getvalue()
+
+
+LAYOUTS = {
+    # FSDP with SHARDED_STATE_DICT, as fsdp.yaml asks: a distributed-checkpoint folder for the model and one for
+    # the optimizer (no model.safetensors, no optimizer.bin).
+    "fsdp": {"pytorch_model_fsdp_0/__0_0.distcp": b"m" * 300, "pytorch_model_fsdp_0/.metadata": b"x" * 40,
+             "optimizer_0/__0_0.distcp": b"o" * 600, "optimizer_0/.metadata": b"y" * 40},
+    # DeepSpeed: its engine's own checkpoint folder.
+    "deepspeed": {"pytorch_model/mp_rank_00_model_states.pt": b"m" * 300,
+                  "pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"o" * 600, "latest": b"pytorch_model"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_resume_checks_the_files_that_fsdp_and_deepspeed_save_state_wrote(tmp_path, layout, capsys):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    files = {**LAYOUTS[layout], "scheduler.bin": tensors_file(), "random_states_0.pkl": tensors_file()}
+    batch = {"per_device_train_batch_size": 4, "processes": 1, "gradient_accumulation_steps": 1}
+    now = checkpointing.Layout(**batch)
+    whole = checkpointing.Resume.find(str(fake_checkpoint(tmp_path / "whole", files, batch)), None, "gpt-pretrain")
+    whole.check(accelerator, now, "gpt-pretrain")
+    assert whole.step == 4
+
+    cut = fake_checkpoint(tmp_path / "cut", files, batch)
+    shard = next(name for name in LAYOUTS[layout] if "optim" in name)
+    (cut / shard).write_bytes(b"o" * 100)  # a save cut short
+    with pytest.raises(SystemExit):
+        checkpointing.Resume.find(str(cut), None, "gpt-pretrain").check(accelerator, now, "gpt-pretrain")
+    assert f"is corrupted or incomplete (OSError: {shard} is missing or has another size" in capsys.readouterr().err
+
+
+def test_resuming_from_an_older_checkpoint_moves_the_newer_ones_aside_and_latest_stays_whole(
+    tmp_path, token_cache, capsys
+):
+    """Issue: pruning kept the last K folders by name, so resuming from step 10 of a run that had 10/20/30 with a
+    limit of 1 deleted the new step 20 in favour of the old 30, and `latest` named a folder that was gone."""
+    recipe = load_recipe("gpt_pretrain")
+    out = tmp_path / "run"
+    args = gpt_args(out, token_cache, "--max_train_steps", "35", "--checkpointing_steps", "10", "--sample_tokens", "0")
+    recipe.main(args)
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-0000010", "step-0000020", "step-0000030"]
+    old_timeline = {p.name: (p / "training_state.json").read_text() for p in checkpoints.glob("step-*")}
+
+    from conftest import reset_accelerate_state
+
+    reset_accelerate_state()
+    recipe.main(
+        [*args, "--checkpoints_total_limit", "1", "--resume_from_checkpoint", str(checkpoints / "step-0000010")]
+    )
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-0000030"]  # this timeline's newest
+    assert (checkpoints / "latest").read_text() == "step-0000030"
+    assert json.loads((checkpoints / "step-0000030" / "training_state.json").read_text())["step"] == 30
+    [aside] = checkpoints.glob("abandoned-*")
+    assert {p.name: (p / "training_state.json").read_text() for p in aside.iterdir()} == {
+        name: text for name, text in old_timeline.items() if name != "step-0000010"
+    }  # the abandoned timeline is kept whole, not deleted
+    assert "moved to" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(out) if "eval_loss" in r] == [15, 30, 35]  # no record from the old run
+
+
+class RunsCode:
+    """A pickle that runs a command when unpickled: what a malicious checkpoint file would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("poisoned", ["optimizer.bin", "random_states_0.pkl"])
+def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path, token_cache, capsys, poisoned):
+    recipe = load_recipe("gpt_pretrain")
+    out = tmp_path / "run"
+    recipe.main(
+        gpt_args(out, token_cache, "--max_train_steps", "2", "--checkpointing_steps", "1", "--sample_tokens", "0")
+    )
+    reset_accelerate_state()
+    checkpoint, marker = out / "checkpoints" / "step-0000001", tmp_path / "code-ran"
+    with open(checkpoint / poisoned, "wb") as f:
+        pickle.dump({"state": RunsCode(marker)}, f)
+    # The attacker also fixes the file's size in the checkpoint's list, so that only loading it can tell.
+    state = json.loads((checkpoint / "training_state.json").read_text())
+
+    state["files"][poisoned] = [(checkpoint / poisoned).stat().st_size, checkpointing.sha256_of(checkpoint / poisoned)]
+    (checkpoint / "training_state.json").write_text(json.dumps(state))
+    assert pickle.loads((checkpoint / poisoned).read_bytes()) and marker.exists()  # the payload does work...
+    marker.unlink()
+
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(gpt_args(tmp_path / "resumed", token_cache, "--max_train_steps", "2", "--resume_from_checkpoint",
+                             str(checkpoint)))  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "is corrupted or incomplete (UnpicklingError" in capsys.readouterr().err
+    assert not marker.exists()  # ...but loading with weights_only=True never ran it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Elastic resume: a checkpoint written by K processes continues on K' processes at the same global batch, optimizer
+# step, data position and LR schedule, and ends within 1e-5 of the run that never changed (dropout off); with dropout
+# on it continues and says that the random stream is a new one. Refused with a message: another global batch, and
+# Local SGD's per-process optimizer state on another number of processes (docs/errors.md, tests/test_bad_input.py).
+
+
+def accel_dp_run_ok(recipe: str, processes: int, args: list[str]) -> None:
+    assert accel_dp_run(recipe, processes, args) == 0
+
+
+STEPS, CHECKPOINT = 20, 10
+
+
+def elastic_gpt_args(output_dir: Path, token_cache: Path, *extra: str) -> list[str]:
+    """20 fp32 steps at a global batch of 8 sequences, however many processes; a checkpoint at step 10."""
+    return fp32_gpt_args(output_dir, token_cache, "--max_train_steps", str(STEPS), "--per_device_train_batch_size",
+                         "4", "--global_batch_size", "8", "--checkpointing_steps", str(CHECKPOINT), "--eval_every",
+                         str(STEPS), *extra)  # fmt: skip
+
+
+def logged_losses(output_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(output_dir) if "loss" in r]
+
+
+def assert_same_run(resumed: Path, whole: Path) -> None:
+    """The resumed run (in a folder of its own: it logged from its checkpoint on) ends where `whole` ends."""
+    assert (saved_parameters(resumed) - saved_parameters(whole)).abs().max() <= 1e-5
+    logged = dict(logged_losses(resumed))
+    reference = {step: loss for step, loss in logged_losses(whole) if step in logged}
+    assert sorted(logged) == sorted(reference) and max(logged) == max(step for step, _ in logged_losses(whole))
+    assert [logged[s] for s in sorted(logged)] == pytest.approx([reference[s] for s in sorted(logged)], rel=1e-5)
+    results = [json.loads((d / "all_results.json").read_text()) for d in (resumed, whole)]
+    # The validation set is eval_iters global batches of windows: the same windows on any layout, whatever the
+    # per-device eval batch (the resumed runs below use 3, which does not divide the 16 windows evenly).
+    assert abs(results[0]["eval_loss"] - results[1]["eval_loss"]) <= 1e-6
+
+
+@pytest.mark.slow
+def test_gpt_checkpoint_of_two_processes_resumes_on_one_and_one_on_two(tmp_path, token_cache, capsys):
+    two = tmp_path / "two"
+    accel_dp_run_ok("gpt-pretrain", 2, elastic_gpt_args(two, token_cache))  # the reference; it checkpoints at 10
+    checkpoint_of_two = two / "checkpoints" / f"step-{CHECKPOINT:07d}"
+
+    # Fewer processes: 2 -> 1, with 2 accumulation steps for the same global batch (the recipe run directly).
+    fewer = tmp_path / "fewer"
+    reset_accelerate_state()
+    capsys.readouterr()
+    load_recipe("gpt_pretrain").main(
+        elastic_gpt_args(
+            fewer, token_cache, "--resume_from_checkpoint", str(checkpoint_of_two), "--per_device_eval_batch_size", "3"
+        )  # fmt: skip
+    )
+    reset_accelerate_state()
+    output = " ".join(capsys.readouterr().out.split())
+    assert "written by 4 per device x 2 process(es) x 1 accumulation; resuming on 4 per device x 1 process(es) x 2" in (
+        output
+    )
+    assert "random numbers" not in output  # dropout is off: nothing to say about its stream
+    assert_same_run(fewer, two)
+
+    # More processes: 1 -> 2. The one-process run's checkpoint, written in this process.
+    one = tmp_path / "one"
+    reset_accelerate_state()
+    load_recipe("gpt_pretrain").main(elastic_gpt_args(one, token_cache))
+    reset_accelerate_state()
+    more = tmp_path / "more"
+    checkpoint_of_one = one / "checkpoints" / f"step-{CHECKPOINT:07d}"
+    more_args = elastic_gpt_args(more, token_cache, "--resume_from_checkpoint", str(checkpoint_of_one),
+                                 "--per_device_eval_batch_size", "3")  # fmt: skip
+    accel_dp_run_ok("gpt-pretrain", 2, more_args)
+    assert_same_run(more, two)
+    assert_same_run(one, two)  # (and the uninterrupted runs agree: K processes at B = 1 process at K x B)
+
+
+def test_gpt_resume_with_dropout_on_another_layout_continues_and_says_the_random_stream_is_new(
+    tmp_path, token_cache, capsys
+):
+    """The same global batch split another way (here 2 x 4 accumulation instead of 4 x 2, one process): dropout's
+    masks cannot be carried over, so the run continues with a new, seeded stream, and says so."""
+    recipe = load_recipe("gpt_pretrain")
+    first = elastic_gpt_args(tmp_path / "first", token_cache, "--dropout", "0.1")
+    recipe.main(first)
+    reset_accelerate_state()
+    capsys.readouterr()
+    checkpoint = tmp_path / "first" / "checkpoints" / f"step-{CHECKPOINT:07d}"
+    other = elastic_gpt_args(tmp_path / "other", token_cache, "--dropout", "0.1", "--per_device_train_batch_size", "2",
+                "--resume_from_checkpoint", str(checkpoint))  # fmt: skip
+    results = recipe.main(other)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "resuming on 2 per device x 1 process(es) x 4 accumulation" in out
+    assert "random numbers (dropout) continue from a new stream" in out
+    assert results["optimizer_steps"] == STEPS and results["gradient_accumulation_steps"] == 4
+    assert [step for step, _ in logged_losses(tmp_path / "other")] == list(range(CHECKPOINT + 1, STEPS + 1))
+    lr = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "other") if "lr" in r}
+    lr_first = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "first") if "lr" in r}
+    assert lr == pytest.approx({step: lr_first[step] for step in lr})  # the same schedule, step for step
+
+
+# 37 MRPC pairs, a global batch of 8 (the last step of the epoch holds 5), 2 epochs, dropout off: 10 steps, a
+# checkpoint mid-epoch at step 3.
+ELASTIC_GLUE = ("--num_train_epochs", "2", "--dropout", "0", "--mixed_precision", "no", "--global_batch_size", "8",
+                "--learning_rate", "1e-4", "--checkpointing_steps", "3")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_glue_checkpoint_of_two_processes_resumes_on_one_mid_epoch(tmp_path):
+    """GLUE's order of global batches does not depend on the number of processes (one shuffle, the same global
+    batch, each step's loss weighted by its real examples): mid-epoch, 2 -> 1 ends where 2 processes end."""
+    two = tmp_path / "two"
+    accel_dp_run_ok("glue-bert", 2, glue_args(two, *ELASTIC_GLUE))
+    one = tmp_path / "one"
+    reset_accelerate_state()
+    checkpoint = two / "checkpoints" / "step-0000003"
+    load_recipe("glue_bert").main(glue_args(one, *ELASTIC_GLUE, "--resume_from_checkpoint", str(checkpoint)))
+    reset_accelerate_state()
+    assert json.loads((one / "all_results.json").read_text())["optimizer_steps"] == 10
+    assert_same_run(one, two)
+    assert (one / "eval_predictions.tsv").read_text() == (two / "eval_predictions.tsv").read_text()

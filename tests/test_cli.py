@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import ast
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import RECIPES_DIR, REPO_ROOT, free_port, kill_process_tree, subprocess_env
+import typer
+from conftest import KIT_MODULES, RECIPES_DIR, REPO_ROOT, subprocess_env
 from typer.testing import CliRunner
 
 from accel_dp import launch as launch_module
@@ -53,8 +53,9 @@ def test_configs_lists_every_bundled_config():
 def test_copy_writes_the_recipe_with_its_modules_and_never_overwrites(tmp_path: Path):
     result = runner.invoke(app, ["copy", "gpt-pretrain", str(tmp_path)])
     assert result.exit_code == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt_pretrain.py", "run_kit.py", "token_cache.py"]
-    for name in ("gpt_pretrain.py", "run_kit.py", "token_cache.py"):
+    folder = sorted(["gpt_pretrain.py", "token_cache.py", *KIT_MODULES])
+    assert sorted(p.name for p in tmp_path.iterdir()) == folder
+    for name in folder:
         assert (tmp_path / name).read_text() == (RECIPES_DIR / name).read_text()
         assert name in result.output
     (tmp_path / "run_kit.py").write_text("# my edits\n")
@@ -85,11 +86,13 @@ def test_the_registry_offers_recipes_never_their_modules():
     assert [r.name for r in list_recipes()] == ["glue-bert", "gpt-pretrain"]
     assert complete_recipe("") == ["glue-bert", "gpt-pretrain"]  # shell completion
     listed = runner.invoke(app, ["list"]).output
-    for module in ("run-kit", "token-cache", "glue-data"):
+    for module in ("run-kit", "token-cache", "glue-data", "faults", "checkpointing"):
         assert module not in listed
         refused = runner.invoke(app, ["run", module, "--dry-run"])
         assert refused.exit_code == 2 and "unknown recipe" in refused.output
-    assert [m.name for m in get_recipe("gpt-pretrain").modules()] == ["run_kit.py", "token_cache.py"]
+    assert [m.name for m in get_recipe("gpt-pretrain").modules()] == sorted(["token_cache.py", *KIT_MODULES])
+    assert [m.name for m in get_recipe("glue-bert").modules()] == sorted(["glue_data.py", "glue_metric.py",
+                                                                          *KIT_MODULES])  # fmt: skip
 
 
 def test_flags_are_asked_of_the_recipes_own_parser_including_the_kits():
@@ -139,60 +142,6 @@ def test_errors_are_one_line_with_exit_code_2(no_gpu, args, message):
     assert "Traceback" not in result.output
 
 
-def test_run_passes_the_recipe_exit_code_through(monkeypatch, no_gpu):
-    seen = {}
-
-    def fake_run(launch_args, env):
-        seen["args"], seen["env"] = launch_args, env
-        return 7
-
-    monkeypatch.setattr("accel_dp.runner.run", fake_run)
-    result = runner.invoke(app, ["run", "gpt-pretrain", "--", "--max_train_steps", "1"])
-    assert result.exit_code == 7
-    assert seen["args"][-2:] == ["--max_train_steps", "1"] and seen["env"] == {"ACCELERATE_USE_CPU": "1"}
-    assert "running gpt-pretrain on 1 CPU process" in " ".join(result.output.split())
-
-
-RANK_THAT_CHECKPOINTS_ON_SIGTERM = """
-import os, pathlib, signal, sys, time
-out, rank = pathlib.Path(sys.argv[1]), os.environ["RANK"]
-seconds = 3 if rank == "1" else 0  # rank 1's checkpoint takes 3 s, rank 0's none
-signal.signal(signal.SIGTERM, lambda signum, frame: (time.sleep(seconds), (out / f"saved-{rank}").touch(),
-    sys.exit(75)))  # a checkpoint, then the preempted code
-(out / f"ready-{rank}").touch()
-time.sleep(120)
-"""
-
-
-@pytest.mark.faults  # signals: with the fault matrix (`make test-faults`, .ci/run's second step)
-def test_a_sigterm_to_accel_dp_run_reaches_every_rank_and_it_exits_75_after_the_last(tmp_path):
-    """Through the real chain (accel-dp's runner, accelerate's launcher, torchrun, 2 ranks): every rank gets the
-    SIGTERM at once and writes its checkpoint, the slow one too, and accel-dp exits with their 75 only then."""
-    from accel_dp.runner import PREEMPTED_EXIT_CODE
-
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_THAT_CHECKPOINTS_ON_SIGTERM)
-    driver = (  # what `accel-dp run` does, for a script that is not a recipe
-        "import sys; from pathlib import Path; from accel_dp.launch import RunOptions, build_launch; "
-        "from accel_dp.runner import run; "
-        "options = RunOptions(cpu=True, procs=2, main_port=int(sys.argv[3]), recipe_args=(sys.argv[2],)); "
-        "launch = build_launch(Path(sys.argv[1]), options, 0); sys.exit(run(launch.launcher_args, launch.env))"
-    )
-    command = [sys.executable, "-c", driver, str(script), str(tmp_path), str(free_port())]
-    process = subprocess.Popen(command, env=subprocess_env(), start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not all((tmp_path / f"ready-{rank}").exists() for rank in (0, 1)):
-            assert process.poll() is None and time.monotonic() < deadline, "the ranks never started"
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=60)
-        saved = sorted(p.name for p in tmp_path.glob("saved-*"))  # as accel-dp has exited
-    finally:
-        kill_process_tree(process.pid)
-    assert code == PREEMPTED_EXIT_CODE and saved == ["saved-0", "saved-1"]
-
-
 def test_console_script_works_from_another_folder(tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--dry-run"],
@@ -206,19 +155,74 @@ def test_console_script_works_from_another_folder(tmp_path: Path):
     assert str(REPO_ROOT / "recipes" / "gpt_pretrain.py") in " ".join(result.stdout.split())
 
 
-def test_only_a_process_a_signal_killed_is_reported_as_killed_and_only_sigkill_blames_memory():
-    """A recipe stopped by Ctrl-C exits 130 on its own, after its checkpoint: no "killed by SIGINT" line. A process
-    killed by a signal gets the shell's 128 + N and one line; only SIGKILL (the out-of-memory killer) mentions
-    memory."""
-    import subprocess
+runner = CliRunner()
 
-    from accel_dp.runner import as_status, exit_status, killed_line
+COMMANDS = sorted(typer.main.get_command(app).commands)
 
-    code, rank = exit_status(subprocess.CalledProcessError(130, ["recipe"]))  # accelerate's one-process launcher
-    assert as_status(code) == 130 and killed_line(code, rank) is None
-    code, rank = exit_status(subprocess.CalledProcessError(-9, ["recipe"]))
-    assert as_status(code) == 137 and "rank 0 was killed by SIGKILL" in killed_line(code, rank)
-    assert "memory" in killed_line(code, rank)
-    code, rank = exit_status(subprocess.CalledProcessError(-2, ["recipe"]))
-    assert as_status(code) == 130 and "killed by SIGINT" in killed_line(code, rank)
-    assert "memory" not in killed_line(code, rank)
+
+def test_all_commands_are_registered():
+    assert {"list", "configs", "copy", "run", "prepare", "report", "env", "sample", "slurm"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command_shows_an_example_of_it(command):
+    result = runner.invoke(app, [command, "--help"], prog_name="accel-dp", env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Example" in text
+    after = text[text.index("Example") :]
+    assert f"accel-dp {command}" in after  # the example uses the command it documents
+
+
+def test_top_level_help_shows_an_example():
+    result = runner.invoke(app, ["--help"], prog_name="accel-dp", env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "Example: accel-dp run" in result.output
+
+
+@pytest.mark.parametrize(
+    ("shell", "expected"),
+    [
+        ("bash", "complete -o default -F _accel_dp_completion accel-dp"),
+        ("zsh", "#compdef accel-dp"),
+    ],
+)
+def test_show_completion_prints_the_shell_script_of_the_installed_command(shell, expected):
+    command = [shutil.which("accel-dp")] if shutil.which("accel-dp") else [sys.executable, "-m", "accel_dp.cli"]
+    # Typer detects the user's shell from the process tree; with detection off, --show-completion takes the shell's
+    # name, so the test asks for bash and zsh whatever runs it.
+    env = subprocess_env(_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
+    result = subprocess.run([*command, "--show-completion", shell], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stdout
+    assert "_ACCEL_DP_COMPLETE=complete_" in result.stdout  # the variable that asks the command for completions
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ("accel-dp r", {"run", "report"}),
+        ("accel-dp run gpt", {"gpt-pretrain"}),
+        ("accel-dp copy g", {"glue-bert", "gpt-pretrain"}),
+        ("accel-dp slurm glue-bert --config multi", {"multi_cpu", "multi_gpu", "multi_node"}),
+    ],
+)
+def test_completion_offers_commands_recipes_and_configs(words, expected):
+    """What bash's completion function asks the command: COMP_WORDS and COMP_CWORD in, one candidate a line out."""
+    env = {"_ACCEL_DP_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}
+    result = runner.invoke(app, [], prog_name="accel-dp", env=env)
+    assert result.exit_code == 0, result.output
+    assert set(result.output.split()) == expected
+
+
+def test_run_passes_the_recipe_exit_code_through(monkeypatch, no_gpu):
+    seen = {}
+
+    def fake_run(launch_args, env):
+        seen["args"], seen["env"] = launch_args, env
+        return 7
+
+    monkeypatch.setattr("accel_dp.runner.run", fake_run)
+    result = runner.invoke(app, ["run", "gpt-pretrain", "--", "--max_train_steps", "1"])
+    assert result.exit_code == 7
+    assert seen["args"][-2:] == ["--max_train_steps", "1"] and seen["env"] == {"ACCELERATE_USE_CPU": "1"}
+    assert "running gpt-pretrain on 1 CPU process" in " ".join(result.output.split())

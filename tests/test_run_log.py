@@ -1,5 +1,9 @@
-"""--report_to and logging: both recipes log their metrics and full config through accelerate's trackers, one tracker
-run per job however many processes; the tests read back what tensorboard and wandb (offline) recorded."""
+"""recipes/run_log.py and what a run shows: the records of metrics.jsonl (in this process); what a newcomer sees
+through accel-dp run with the output going to a file (one device name, rank prefixes only with several processes, no
+escape codes, no progress bars, none of the libraries' expected and harmless notices: shared tensors dropped at a
+checkpoint, a fresh classifier head, a BPE trainer's blank progress lines); and --report_to: both recipes log their
+metrics and full config through accelerate's trackers, one tracker run per job however many processes (read back from
+what tensorboard and wandb, offline, recorded)."""
 
 from __future__ import annotations
 
@@ -11,17 +15,73 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import DATA_DIR, RECIPES_DIR, free_port, gpt_args, load_recipe, read_metrics, subprocess_env
+from conftest import (
+    DATA_DIR,
+    RECIPES_DIR,
+    SHAKESPEARE,
+    free_port,
+    gpt_args,
+    load_recipe,
+    read_metrics,
+    subprocess_env,
+    tiny_bert,
+)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def test_each_record_is_one_line_and_a_resume_forgets_what_came_after_its_checkpoint(tmp_path):
+    from accelerate import Accelerator
+    from run_log import RunLog
+
+    accelerator, run = Accelerator(cpu=True), tmp_path / "run"
+    log = RunLog(accelerator, run, resumed_step=None, tracker_project="accel-dp", config={})
+    assert run.is_dir()  # made by the log: the data and the model were good
+    for step in (1, 2, 3):
+        log({"step": step, "loss": 1.0 / step})
+    log({"step": 3, "eval_loss": 0.5}, "step 3 | val loss 0.5")
+    assert read_metrics(run) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 1 / 3},
+                                 {"step": 3, "eval_loss": 0.5}]  # fmt: skip
+    RunLog(accelerator, run, resumed_step=2, tracker_project="accel-dp", config={})  # resumed at step 2
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    RunLog(accelerator, run, resumed_step=None, tracker_project="accel-dp", config={})  # a fresh start
+    assert not (run / "metrics.jsonl").exists()
+
+
+NOISE = ("\x1b", "\r", "[RANK", "Removed shared tensor", "LOAD REPORT", "Loading weights", "Writing model shards",
+         "tokenizing", "The following values were not passed")  # fmt: skip
+
+
+def run_to_file(tmp_path, recipe: str, processes: int, args: list[str]) -> str:
+    log = tmp_path / "output.log"
+    command = [sys.executable, "-m", "accel_dp.cli", "run", recipe, "--cpu", "--procs", str(processes),
+               "--main-port", str(free_port()), "--", *args]  # fmt: skip
+    with open(log, "w") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), timeout=300)
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    return text
+
+
+@pytest.mark.slow
+def test_a_gpt_run_into_a_file_shows_only_what_the_user_needs(tmp_path, token_cache):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:40_000])
+    args = gpt_args(tmp_path / "run", token_cache, "--train_file", str(corpus), "--tokenizer", "bpe:300",
+                    "--max_train_steps", "10", "--checkpointing_steps", "5", "--eval_every", "10")  # fmt: skip
+    text = run_to_file(tmp_path, "gpt-pretrain", 1, args)
+    assert not [noise for noise in NOISE if noise in text], text[:3000]
+    assert "\n\n\n" not in text and "[rank" not in text
+    assert "gpt-pretrain: 1 process(es) on cpu," in text and "checkpoint " in text and "final val loss" in text
+
+
+@pytest.mark.slow
+def test_a_two_process_glue_run_into_a_file_prefixes_ranks_and_drops_the_expected_notices(tmp_path):
+    args = ["--model_name_or_path", tiny_bert(), "--data_dir", str(DATA_DIR / "glue" / "MRPC"), "--max_train_samples",
+            "32", "--max_eval_samples", "16", "--max_length", "32", "--per_device_train_batch_size", "8",
+            "--max_train_steps", "2", "--output_dir", str(tmp_path / "run")]  # fmt: skip
+    text = run_to_file(tmp_path, "glue-bert", 2, args)
+    assert not [noise for noise in NOISE if noise in text], text[:3000]
+    assert "[rank 0] glue-bert: 2 process(es) on cpu," in text and "[rank 1]" not in text  # the main process logs
 
 
 def tensorboard_scalars(output_dir: Path, project: str = "accel-dp") -> dict[str, list[tuple[int, float]]]:

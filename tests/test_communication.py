@@ -7,24 +7,19 @@ records on every rank the hook DDP really runs, the bytes handed to all_reduce b
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
-    CONFIGS_DIR,
     FP32_STEPS,
-    RECIPES_DIR,
+    assert_refused_before_any_work,
     fp32_gpt_args,
-    free_port,
     launch_and_record,
     load_recipe,
     read_metrics,
     reset_accelerate_state,
     saved_parameters,
-    subprocess_env,
     tiny_bert,
 )
 
@@ -131,13 +126,6 @@ def test_glue_local_sgd_is_on(tmp_path):
     assert results["local_sgd_steps"] == 2 and results["optimizer_steps"] == 5
 
 
-def assert_refused(result: subprocess.CompletedProcess, message: str, output_dir: Path) -> None:
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and message in errors[0], result.stderr[-3000:]
-    assert not output_dir.exists()
-
-
 def test_gpt_bf16_hook_is_refused_on_cpu(tmp_path, token_cache):
     """torch registers the bf16 hook only with CUDA and NCCL >= 2.10: say so before anything runs."""
     record_dir = tmp_path / "records"
@@ -145,21 +133,7 @@ def test_gpt_bf16_hook_is_refused_on_cpu(tmp_path, token_cache):
     args = fp32_gpt_args(tmp_path / "run", token_cache, "--ddp_comm_hook", "bf16")
     completed, records = launch_and_record("gpt_pretrain", args, record_dir, timeout=120)
     assert records == []
-    assert_refused(completed, "--ddp_comm_hook bf16 needs GPUs with NCCL", tmp_path / "run")
-
-
-def test_fsdp_config_on_cpu_is_refused_by_the_recipe(tmp_path, token_cache):
-    """With fsdp.yaml on CPU accelerate silently runs plain DDP (every process holds the whole model): the recipe,
-    launched by plain `accelerate launch`, refuses. (`accel-dp run --config fsdp --cpu` refuses before launching.)
-    The check is the run kit's, the same in glue-bert."""
-    out, recipe = tmp_path / "run", "gpt_pretrain"
-    args = fp32_gpt_args(out, token_cache)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS_DIR / "fsdp.yaml"),
-               "--num_processes", "1", "--main_process_port", str(free_port()), str(RECIPES_DIR / f"{recipe}.py"),
-               *args]  # fmt: skip
-    env = subprocess_env(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert_refused(result, "FSDP was asked for (ACCELERATE_USE_FSDP) but accelerate runs MULTI_CPU", out)
+    assert_refused_before_any_work(completed, "--ddp_comm_hook bf16 needs GPUs with NCCL", tmp_path / "run")
 
 
 @pytest.mark.parametrize(
