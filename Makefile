@@ -15,13 +15,15 @@ install:
 
 # Two workers (pytest-xdist): much of the suite waits on process start-up, one core at a time. Tests sharing a
 # reference run are kept on one worker (xdist_group).
+# PYTEST_ARGS narrows either suite: make test PYTEST_ARGS="-k resume".
+PYTEST_ARGS ?=
 test:
-	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup tests
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "not faults and not compile" tests $(PYTEST_ARGS)
 
 # The fault matrix: Ctrl-C, SIGTERM and SIGKILL at every phase of a run, on 1 and 2 processes (tests/test_faults.py),
 # the other signal and kill tests, and the compiled runs (.ci/run's second step).
 test-faults:
-	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "faults or compile" tests
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "faults or compile" tests $(PYTEST_ARGS)
 
 lint:
 	$(PYTHON) -m ruff check accel_dp recipes tests benchmarks
