@@ -103,12 +103,21 @@ def copy_command(
     if target.parent.exists() and not target.parent.is_dir():
         fail(f"{target.parent} is a file: give a folder or a .py file name")
     copies = [(found.path, target), *((module, target.parent / module.name) for module in found.modules())]
+    links = [str(to) for _, to in copies if to.is_symlink()]
+    if links:  # (copying would write wherever the link points, outside the destination)
+        fail(
+            f"{', '.join(links)}: a symbolic link; accel-dp copy never writes through one: remove it or choose another "
+            "destination"
+        )
     existing = [str(to) for _, to in copies if to.exists()]
     if existing and not force:
         fail(f"{', '.join(existing)} already exist(s): choose another destination or pass --force")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for source, to in copies:
-        shutil.copyfile(source, to)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for source, to in copies:
+            shutil.copyfile(source, to)
+    except OSError as error:
+        fail(f"cannot write into {target.parent} ({error.strerror}): choose another destination")
     console.print(f"copied {found.name} to {target.parent}: " + ", ".join(to.name for _, to in copies))
 
 

@@ -81,6 +81,7 @@ def build_launch(
         raise UsageError("--nodes > 1 needs --main-ip, the address of the node with --node-rank 0")
     if options.grad_accum is not None and options.grad_accum < 1:
         raise UsageError(f"--grad-accum must be a positive integer, got {options.grad_accum}")
+    check_port(options.main_port)
     if options.grad_accum is not None and any(
         a.startswith("--gradient_accumulation_steps") for a in options.recipe_args
     ):
@@ -169,9 +170,15 @@ def any_free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_port(port: int | None) -> None:
+    if port is not None and not 1 <= port <= 65535:
+        raise UsageError(f"--main-port must be a TCP port, 1 to 65535, got {port}")
+
+
 def settle_main_port(options: RunOptions, is_free=port_is_free, pick=any_free_port) -> RunOptions:
     """The main node needs its rendezvous port free. The default port, if taken (another job), is swapped for a
     free one on a single machine; a port the user chose, or one all nodes must agree on, is an error."""
+    check_port(options.main_port)
     if options.node_rank != 0:
         return options  # only the main node listens
     port = options.main_port if options.main_port is not None else DEFAULT_MAIN_PORT

@@ -9,12 +9,12 @@
 - Each distinct error line of the processes is printed once: the recipes' run kit writes it into the folder named by
   ACCEL_DP_ERROR_DIR rather than to the terminal. No launcher traceback buries it; a launcher that fails on its own
   (a bad option, a rendezvous that never completes) keeps its output.
-- SIGTERM and SIGUSR1 (preemption, Slurm's --signal) reach every process at once as SIGTERM, and Ctrl-C (SIGINT) as
-  SIGINT; this process returns only after they have exited (75 after a preemption, 130 after Ctrl-C). accelerate's
-  one-process launcher forwards no signal, so this runner signals its children itself; torch's elastic agent runs
-  off the main thread, where it installs no signal handlers of its own. The processes then checkpoint together (a
-  collective save) and exit; once the first has, torch's agent gives the others 30 s before it kills them, far
-  more than they need to leave the save's last barrier.
+- SIGTERM, SIGUSR1 and SIGHUP (preemption, Slurm's --signal, a closed terminal) reach every process at once as SIGTERM,
+  and Ctrl-C (SIGINT) as SIGINT; this process returns only after they have exited (75 after a preemption, 130 after
+  Ctrl-C). accelerate's one-process launcher forwards no signal, so this runner signals its children itself; torch's
+  elastic agent runs off the main thread, where it installs no signal handlers of its own. The processes then
+  checkpoint together (a collective save) and exit; once the first has, torch's agent gives the others 30 s before it
+  kills them, far more than they need to leave the save's last barrier.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def run(launch_args: list[str], env: dict[str, str] | None = None) -> int:
                 pass
 
     launcher = threading.Thread(target=launch, name="accelerate-launch", daemon=True)
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)  # (a KeyboardInterrupt here would end the
     try:  # join below at once: on Python 3.11 an interrupted join marks the thread finished, CPython gh-90882)
         launcher.start()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from common import recipe_module, warn_if_busy
 
-checkpointing = recipe_module("checkpointing")  # beside the recipes
+manifest = recipe_module("manifest")  # beside the recipes
 
 
 def gpt2_124m_tensors() -> dict[str, torch.Tensor]:
@@ -48,7 +48,7 @@ def main() -> None:
             times["save"].append(time.perf_counter() - start)
             start = time.perf_counter()
             for path in paths:
-                checkpointing.sha256_of(path)
+                manifest.sha256_of(path)
             times["sha256"].append(time.perf_counter() - start)
             start = time.perf_counter()
             for path in paths:

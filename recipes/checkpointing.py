@@ -19,7 +19,6 @@ deleted.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -33,19 +32,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, load, set_seed
 from faults import fail, stop
+from manifest import check_manifest, manifest_of
 from messages import first_line, logger
+from run_folder import no_room
 from safetensors import safe_open
 
 CHECKPOINT_FORMAT = 3  # training_state.json's layout; other formats are refused with a message
-
-
-def sha256_of(path: Path) -> str:
-    """A file's SHA-256, read a MiB at a time (about 1 s per GB: docs/benchmarks.md)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(2**20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Layout(NamedTuple):
@@ -125,6 +117,8 @@ class Resume:
         self.path, self.state = path, state
         self.step: int = state["step"]
         self.layout = Layout(**state["layout"])
+        self.run: str = state["written_by"]["run"]
+        self.fit: dict = state["fit"]
 
     @classmethod
     def find(cls, spec: str | None, folder: CheckpointFolder | None, recipe: str) -> Resume | None:
@@ -162,8 +156,12 @@ class Resume:
         return self.layout.global_batch // per_round if self.layout.global_batch % per_round == 0 else None
 
     def check(self, accelerator: Accelerator, now: Layout, recipe: str) -> None:
-        """On every process, before any work: the checkpoint's files are whole and load, and this run can continue it
-        (the same global batch; Local SGD's per-process moments on as many processes). One line otherwise."""
+        """On every process, before any work: the checkpoint is this recipe's, its files are whole and load, and this
+        run can continue it (the same global batch; Local SGD's per-process moments on as many processes). One line
+        otherwise."""
+        writer = self.state["written_by"]["recipe"]
+        if writer != recipe:
+            fail(f"{self.path} is a {writer} checkpoint, and this is {recipe}: give one of {recipe}'s checkpoints")
         try:
             verify_files(self.path, self.state["files"], accelerator.process_index)
             problem = self._layout_problem(now)
@@ -176,6 +174,38 @@ class Resume:
             logger.info(
                 f"{recipe}: the checkpoint was written by {self.layout.describe()}; resuming on {now.describe()}: "
                 "the same global batches, optimizer step and LR schedule"
+            )
+
+    def check_steps(self, max_train_steps: int) -> None:
+        """A checkpoint at or past the last step has nothing left to train: refused, not reported as a success (but
+        one of the final state, written when the final model could not be, goes on to save the model)."""
+        if self.step > max_train_steps or (self.step == max_train_steps and not self.state["final"]):
+            fail(
+                f"{self.path} is at step {self.step}, and the run ends at step {max_train_steps}: nothing to train; "
+                "raise --max_train_steps (or --num_train_epochs) to go on"
+            )
+
+    def check_same_run(self, owner: dict | None, output_dir: Path) -> None:
+        """`latest` continues the run its folder belongs to (`owner`, from run.json), never one whose files another
+        run has replaced."""
+        if owner and owner["run"] != self.run:
+            fail(
+                f"{self.path} belongs to run {self.run}, and {output_dir} now to run {owner['run']} (started "
+                f"{owner.get('started', '?')}): give the checkpoint's path to continue the earlier run"
+            )
+
+    def check_fit(self, fit: dict) -> None:
+        """The model and data this run built are the ones the checkpoint was trained with (its shape, its tokenizer):
+        refused otherwise, before any file of the run is touched."""
+        differs = [
+            f"{key} {self.fit.get(key)!r} there, {fit.get(key)!r} here"
+            for key in sorted({*fit, *self.fit})
+            if fit.get(key) != self.fit.get(key)
+        ]
+        if differs:
+            fail(
+                f"{self.path} does not fit this run: {'; '.join(differs[:4])}: resume with the flags that wrote it "
+                "(run_args.json of its run), or start a new run in another --output_dir"
             )
 
     def _layout_problem(self, now: Layout) -> str | None:
@@ -193,6 +223,14 @@ class Resume:
         return None
 
 
+def fit_of(model) -> dict:
+    """What a checkpoint's model must match to resume into this one: its class and its configuration's sizes (layers,
+    widths, heads, vocabulary, positions, labels)."""
+    config = model.config.to_dict()
+    sizes = {key: value for key, value in config.items() if type(value) is int}
+    return {"model": type(model).__name__, **sizes, "labels": len(config.get("id2label") or {})}
+
+
 def corrupted(path: Path, error: BaseException) -> str:
     return (
         f"checkpoint {path} is corrupted or incomplete ({type(error).__name__}: {first_line(error)}); resume from an "
@@ -204,12 +242,9 @@ def verify_files(path: Path, files: dict[str, list], process_index: int) -> None
     """Every file save_state wrote is there at its size and with its SHA-256; pickles load with weights_only (one
     holding code is refused, never run), safetensors headers parse. (accelerate's load_state would skip an unreadable
     RNG file silently, and resume inexactly.)"""
-    for name, (size, digest) in files.items():
+    check_manifest(path, files)
+    for name in files:
         file = path / name
-        if not file.is_file() or file.stat().st_size != size:
-            raise OSError(f"{name} is missing or has another size than was written")
-        if sha256_of(file) != digest:
-            raise OSError(f"{name} has changed since it was written (its SHA-256 differs)")
         if file.suffix in (".bin", ".pkl") and not name.startswith("random_states_"):
             load(file, map_location="cpu")
         elif file.suffix == ".safetensors":
@@ -232,6 +267,8 @@ class Checkpointer:
         folder: CheckpointFolder,
         *,
         recipe: str,
+        run_id: str,
+        fit: dict,
         layout: Layout,
         every: int | str | None,
         keep: int | None,
@@ -243,6 +280,7 @@ class Checkpointer:
         paused: Callable[[str], contextlib.AbstractContextManager],
     ):
         self.accelerator, self.folder, self.recipe, self.layout = accelerator, folder, recipe, layout
+        self.run_id, self.fit = run_id, fit
         self.every, self.keep, self.seed, self.paused = every, keep, seed, paused
         self.model, self.optimizer, self.local_sgd, self.parts = model, optimizer, local_sgd, parts
         self.last_saved: int | None = None
@@ -250,18 +288,27 @@ class Checkpointer:
     def due(self, step: int, epoch_end: bool = False) -> bool:
         return (isinstance(self.every, int) and step % self.every == 0) or (self.every == "epoch" and epoch_end)
 
-    def save(self, step: int, recipe_state: dict | None = None, epoch_end: bool = False, force: bool = False) -> None:
+    def save(
+        self, step: int, recipe_state: dict | None = None, epoch_end: bool = False, force: bool = False, final=False
+    ) -> None:
         """A checkpoint if one is due at this step, or if `force`. `recipe_state`: the recipe's own, JSON-serialisable
-        (tensors become lists), given back by restore."""
+        (tensors become lists), given back by restore. `final`: the end of training, when the model could not be
+        saved (a resume saves it)."""
         if step == self.last_saved or not (force or self.due(step, epoch_end)):
             return
-        with self.paused("checkpoint"):
-            self._save(step, recipe_state or {})
+        staging = self.folder.root / f"step-{step:07d}.partial"
+        try:
+            with self.paused("checkpoint"):
+                self._save(step, recipe_state or {}, final)
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, and nothing half-written is kept
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         self.last_saved = step
 
-    def _save(self, step: int, recipe_state: dict) -> None:
+    def _save(self, step: int, recipe_state: dict, final: bool) -> None:
         accelerator = self.accelerator
-        final, staging = self.folder.root / f"step-{step:07d}", self.folder.root / f"step-{step:07d}.partial"
+        is_final, final = final, self.folder.root / f"step-{step:07d}"
+        staging = self.folder.root / f"step-{step:07d}.partial"
         self.local_sgd.average()  # rank 0's model is what is saved: make it the replicas' mean
         parts = {name: part.state_dict() for name, part in self.parts.items()}  # collectives: on every process
         if accelerator.is_main_process:
@@ -275,17 +322,24 @@ class Checkpointer:
             torch.save(self.optimizer.state_dict(), staging / f"optimizer_rank_{accelerator.process_index}.bin")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            self._publish(staging, final, step, parts, recipe_state)
+            try:
+                self._publish(staging, final, step, parts, recipe_state, is_final)
+            except OSError as error:  # the manifest or `latest`: the checkpoint is not whole, and is not named
+                (self.folder.root / "latest.partial").unlink(missing_ok=True)
+                self._failed_save(staging, final, error)  # (renamed into place already, it is whole: kept)
         accelerator.wait_for_everyone()
         logger.info(f"{self.recipe}: checkpoint {final}")
 
-    def _publish(self, staging: Path, final: Path, step: int, parts: dict, recipe_state: dict) -> None:
+    def _publish(self, staging: Path, final: Path, step: int, parts: dict, recipe_state: dict, is_final: bool) -> None:
         """The manifest written last, the folder renamed into place, `latest` pointed at it, old ones pruned."""
         written = sorted(p for p in staging.rglob("*") if p.is_file())
-        files = {str(p.relative_to(staging)): [p.stat().st_size, sha256_of(p)] for p in written}
+        files = manifest_of(staging, written)
         state = {
             "format": CHECKPOINT_FORMAT,
+            "written_by": {"recipe": self.recipe, "run": self.run_id},
+            "fit": self.fit,
             "step": step,
+            "final": is_final,
             "layout": self.layout._asdict(),
             "per_process_optimizer": self.local_sgd.enabled,
             "parts": parts,
@@ -305,12 +359,23 @@ class Checkpointer:
         previous = self.folder.latest()
         size = sum(p.stat().st_size for p in previous.rglob("*") if p.is_file()) if previous else 0
         size = size or 12 * sum(p.numel() for p in self.model.parameters())
-        free = shutil.disk_usage(self.folder.root).free
         stop(
-            f"could not write checkpoint {final} ({first_line(error)}): it takes about {size / 2**30:.2f} GiB, and "
-            f"{free / 2**30:.2f} GiB are free on its file system. The partial checkpoint was removed and the last "
-            f"whole one kept ({previous.name if previous else 'none yet'}): free some space, then resume with "
-            "--resume_from_checkpoint latest"
+            f"{no_room(f'checkpoint {final}', self.folder.root, size, error)}. The partial checkpoint was removed and "
+            f"the last whole one kept ({previous.name if previous else 'none yet'}): free some space, then resume "
+            "with --resume_from_checkpoint latest"
+        )
+
+    def keep_final_state(self, step: int, recipe_state: dict | None, failure: str) -> NoReturn:
+        """The final model could not be written: the training is kept in a checkpoint of the final state (unless one
+        is there already), and the run ends with a line saying which it was."""
+        last = self.folder.latest()
+        if last is None or self.folder.step_of(last) != step:
+            logger.warning(f"{failure}; writing a checkpoint of the final state instead")
+            self.save(step, recipe_state, force=True, final=True)
+            last = self.folder.latest()
+        stop(
+            f"{failure}. The trained state is kept in checkpoint {last}: free some space, then run the same command "
+            "with --resume_from_checkpoint latest to write the model"
         )
 
     def restore(self, resume: Resume) -> dict:

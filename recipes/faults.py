@@ -32,6 +32,12 @@ ERROR_DIR_VARIABLE = "ACCEL_DP_ERROR_DIR"  # set by `accel-dp run`, which prints
 # Errors of a collective whose peer is gone. gloo raises a plain RuntimeError (no DistError subclass; checked with
 # torch 2.13), so the text is all there is to tell a lost peer from a bug.
 LOST_PEER_ERRORS = ("Connection reset", "Connection closed", "Broken pipe", "Timed out", "timed out")
+_before_leaving: list[Callable[[], None]] = []
+
+
+def before_leaving(callback: Callable[[], None]) -> None:
+    """Have `callback` run when the process leaves, however the run ended (the run folder's lock is released so)."""
+    _before_leaving.append(callback)
 
 
 def report_error(message: str) -> None:
@@ -58,15 +64,16 @@ def stop(message: str) -> NoReturn:
 
 class StopSignals:
     """The signals that end a run cleanly, remembered from the moment the run starts; the handlers are installed here
-    and nowhere else. SIGTERM (preemption; torchrun passes it to every rank) and SIGUSR1 (Slurm's --signal) make the
-    run checkpoint and exit 75. Ctrl-C (SIGINT) stops at once while the data and the model are being prepared (a
-    token cache can take minutes); once training has begun (`training_began`), the first Ctrl-C is kept like a
-    preemption (a checkpoint if the run makes them, exit 130) and a second one stops at once."""
+    and nowhere else. SIGTERM (preemption; torchrun passes it to every rank), SIGUSR1 (Slurm's --signal) and SIGHUP (a
+    closed terminal or SSH session) make the run checkpoint and exit 75. Ctrl-C (SIGINT) stops at once while the
+    data and the model are being prepared (a token cache can take minutes); once training has begun
+    (`training_began`), the first Ctrl-C is kept like a preemption (a checkpoint if the run makes them, exit 130)
+    and a second one stops at once."""
 
     def __init__(self) -> None:
         self.received: str | None = None
         self.deferring_ctrl_c = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -93,11 +100,26 @@ class StopSignals:
             return "interrupted (Ctrl-C)"
         return f"preempted ({self.received or 'a signal to another rank'})"
 
+    def stop_if_any_before_training(self, accelerator: Accelerator, recipe: str) -> None:
+        """Preempted before the first step: nothing to save yet, so the run ends (a collective, as `anywhere`)."""
+        if self.anywhere(accelerator):
+            accelerator.end_training()
+            message = f"{recipe}: {self.describe()} before training began: nothing to save"
+            self.end_run(message, then=", run the same command again")
+
     def end_run(self, message: str, then: str = "") -> NoReturn:
         """The run's last line after a signal, with the exit status it ends with (130 after Ctrl-C, else 75)."""
         code = INTERRUPTED_EXIT_CODE if self.interrupted else PREEMPTED_EXIT_CODE
         logger.info(f"{message}; exit status {code}{then}")
         raise SystemExit(code)
+
+
+def run_before_leaving() -> None:
+    while _before_leaving:
+        try:
+            _before_leaving.pop()()
+        except Exception as error:  # a cleanup never hides how the run ended
+            logger.warning(f"while leaving: {type(error).__name__}: {first_line(error)}")
 
 
 def run_main(main: Callable, recipe: str) -> None:
@@ -106,6 +128,7 @@ def run_main(main: Callable, recipe: str) -> None:
     rather than hang or print a wall of C++."""
     try:
         main()
+        run_before_leaving()
     except SystemExit as ended:  # fail, stop, or a signal's end_run: the line is out
         leave(ended.code if isinstance(ended.code, int) else FAILED_EXIT_CODE)
     except KeyboardInterrupt:  # Ctrl-C before training began (the token cache, the model), or a second one
@@ -114,6 +137,7 @@ def run_main(main: Callable, recipe: str) -> None:
     except Exception as error:
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            run_before_leaving()
             raise  # one process: its traceback says it all
         rank, text = dist.get_rank(), str(error)
         lost_peer = isinstance(error, dist.DistError) or any(s in text for s in LOST_PEER_ERRORS)
@@ -135,6 +159,7 @@ def leave(code: int) -> NoReturn:
     output is flushed): one whose process group is torn down while a peer closes its connections can abort in gloo's
     C++ teardown (std::terminate, status 134) and lose the code, even after destroy_process_group and end_training
     (seen on a preemption before the first step, 1 time in 36)."""
+    run_before_leaving()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()

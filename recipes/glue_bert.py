@@ -112,7 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optimizer.add_argument("--num_train_epochs", type=int, default=3)
     optimizer.add_argument("--per_device_eval_batch_size", type=int, default=64)
     optimizer.add_argument(
-        "--metric", help="An evaluate metric: a local path (offline), or a Hub name; default: GLUE's, glue_metric.py"
+        "--metric",
+        help="An evaluate metric (its code runs): a local path, or a Hub name with --trust_remote_code; default: "
+        "GLUE's, glue_metric.py",
     )
     add_run_arguments(parser)  # the run kit's: batches, precision, output, checkpoints, communication
     parser.set_defaults(per_device_train_batch_size=32, seed=42)
@@ -150,6 +152,11 @@ def load_metric(args):
     import evaluate
 
     name_or_path = args.metric or str(GLUE_METRIC)
+    if not Path(name_or_path).exists() and not args.trust_remote_code:  # an evaluate module is code that runs here
+        fail(
+            f"--metric {name_or_path} is not a local file, so it would be a Hub metric, whose code is downloaded and "
+            "run: pass --trust_remote_code to allow that, or give a local evaluate module (--metric path/to/metric.py)"
+        )
     try:
         return evaluate.load(name_or_path, args.task, keep_in_memory=True)
     except Exception as e:  # offline, unreachable, or no such metric: say how to give a local one
@@ -387,7 +394,7 @@ def evaluate_splits(run, model, eval_loaders: dict, task: str, metric, step: int
         named = {f"eval_{k}{suffix}": v for k, v in metrics.items()}
         results.update({**named, f"eval_samples{suffix}": len(preds)})
         if run.accelerator.is_main_process:
-            write_predictions(run.output_dir / f"eval_predictions{suffix}.tsv", preds, labels, regression)
+            run.write_file(f"eval_predictions{suffix}.tsv", predictions_table(preds, labels, regression))
         scores = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         run.log(
             {"step": step, "epoch": epoch + 1, **named}, f"epoch {epoch + 1} {split}: {scores} ({len(preds)} examples)"
@@ -395,12 +402,12 @@ def evaluate_splits(run, model, eval_loaders: dict, task: str, metric, step: int
     return results
 
 
-def write_predictions(path: Path, preds: np.ndarray, labels: np.ndarray, regression: bool) -> None:
+def predictions_table(preds: np.ndarray, labels: np.ndarray, regression: bool) -> str:
     """index, prediction and label of every validation example, so that the metrics can be recomputed."""
-    with open(path, "w") as f:
-        f.write("index\tprediction\tlabel\n")
-        for i, (p, y) in enumerate(zip(preds.tolist(), labels.tolist(), strict=True)):
-            f.write(f"{i}\t{p:.6g}\t{y:.6g}\n" if regression else f"{i}\t{p}\t{y}\n")
+    rows = enumerate(zip(preds.tolist(), labels.tolist(), strict=True))
+    return "index\tprediction\tlabel\n" + "".join(
+        f"{i}\t{p:.6g}\t{y:.6g}\n" if regression else f"{i}\t{p}\t{y}\n" for i, (p, y) in rows
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -450,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, optimizer, train_loader, lr_scheduler, *eval_loaders.values()
     )
     eval_loaders = dict(zip(eval_loaders, prepared, strict=True))
-    state = run.begin(model, optimizer, lr_scheduler)  # the output folder, log, meter, guard; a checkpoint restored
+    state = run.begin(model, optimizer, lr_scheduler, fit={"task": task})  # the log, meter...; a checkpoint restored
     step, eval_results = run.first_step, state.get("eval", {})
     first_epoch, first_epoch_step = state.get("epoch", 0), state.get("epoch_step", 0)
     if state:  # the resumed epoch's order: its shuffle generator as it was when the epoch began

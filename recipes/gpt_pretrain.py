@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, optimizer, train_loader, val_loader, lr_scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, lr_scheduler
     )
-    run.begin(model, optimizer, lr_scheduler)  # the output folder, log, meter, guard; a checkpoint restored
+    run.begin(model, optimizer, lr_scheduler, fit={"tokenizer": args.tokenizer or "char"})  # a checkpoint restored
     # A resumed run's sampler replays the same seeded stream, and the batches already trained on are skipped.
     skipped = run.first_step * accumulation
     train_batches = iter(accelerator.skip_first_batches(train_loader, skipped) if skipped else train_loader)
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if accelerator.is_main_process:
         if sample:
-            (run.output_dir / "sample.txt").write_text(sample)
+            run.write_file("sample.txt", sample)
             print("---- sample ----\n" + sample + "\n----------------", flush=True)
         mfu = f" (MFU {results['mfu']:.1%})" if results["mfu"] is not None else ""
         logger.info(

@@ -7,6 +7,8 @@ with `check_run_arguments` before anything runs; `check_positive` checks a recip
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 
 from faults import fail
 
@@ -46,6 +48,22 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--local_sgd_steps", type=int, help="Local SGD: average the parameters every K steps instead.")
 
 
+# A recipe's own float flags, checked where it has them (NaN and infinity never pass).
+RECIPE_NUMBERS = (
+    ("learning_rate", lambda value: value > 0, "a positive number"),
+    ("min_learning_rate", lambda value: value >= 0, "0 or more"),
+    ("weight_decay", lambda value: value >= 0, "0 or more"),
+    ("dropout", lambda value: 0 <= value < 1, "at least 0 and below 1"),
+)
+
+
+def check_number(args: argparse.Namespace, name: str, ok: Callable[[float], bool], what: str) -> None:
+    """A float flag, when given, is finite and `ok` (`what` says which numbers are)."""
+    value = getattr(args, name)
+    if value is not None and not (math.isfinite(value) and ok(value)):
+        fail(f"--{name} must be {what}, got {value}")
+
+
 def check_positive(args: argparse.Namespace, *names: str) -> None:
     """Each named flag, when given, is a positive integer."""
     for name in names:
@@ -79,6 +97,9 @@ def check_run_arguments(args: argparse.Namespace, recipe: str, has_epochs: bool)
         "powersgd_rank",
         "local_sgd_steps",
     )
+    for name, ok, what in RECIPE_NUMBERS:
+        if hasattr(args, name):
+            check_number(args, name, ok, what)
     if args.nonfinite_skip_limit < 0:
         fail(f"--nonfinite_skip_limit must be >= 0, got {args.nonfinite_skip_limit}")
     if args.ddp_comm_hook != "powersgd" and (args.powersgd_rank is not None or args.powersgd_start_iter is not None):

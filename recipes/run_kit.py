@@ -39,14 +39,26 @@ from accelerator_setup import (
     start_accelerator,
     trackers_for,
 )
-from checkpointing import Checkpointer, CheckpointFolder, Layout, Resume
-from faults import StopSignals, fail
+from checkpointing import Checkpointer, CheckpointFolder, Layout, Resume, fit_of
+from faults import StopSignals
 from messages import show_messages
 from metering import Meter
-from run_folder import check_disk, output_folder, save_model, write_json
+from run_folder import (
+    WriteFailed,
+    check_disk,
+    checkpoint_to_resume,
+    command_of,
+    folder_run,
+    hold_folder,
+    new_run_id,
+    output_folder,
+    save_model,
+    write_json,
+    write_whole,
+)
 from run_log import RunLog
 from tqdm.auto import tqdm
-from training import LocalSGD, NonFinitePolicy, Step
+from training import LocalSGD, NonFinitePolicy, Step, compile_in_place
 
 
 class Run:
@@ -64,14 +76,14 @@ class Run:
         world_size = launched_world_size(recipe)
         on_cpu = runs_on_cpu(args.cpu, world_size)
         previous = CheckpointFolder(Path(args.output_dir) / "checkpoints") if args.output_dir else None
-        self.resume = Resume.find(args.resume_from_checkpoint, previous, recipe)
+        self.resume = Resume.find(checkpoint_to_resume(vars(args)), previous, recipe)
         check_precision(args.mixed_precision, on_cpu)
         self.accelerator = start_accelerator(
             recipe,
             world_size,
             on_cpu=on_cpu,
             mixed_precision=args.mixed_precision,
-            accumulation=self._accumulation(world_size),
+            accumulation=accumulation_for(args, world_size, self.resume),
             trackers=trackers_for(args.report_to),
             project_dir=args.output_dir or "runs",
             ddp_timeout=args.ddp_timeout,
@@ -86,27 +98,18 @@ class Run:
             args.per_device_train_batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps
         )
         if self.resume:
+            if args.resume_from_checkpoint == "latest":
+                self.resume.check_same_run(folder_run(self.output_dir), self.output_dir)
             self.resume.check(self.accelerator, self.layout, recipe)
+        self.run_id = self.resume.run if self.resume else new_run_id()
         self.first_step = self.resume.step if self.resume else 0
-
-    def _accumulation(self, world_size: int) -> int:
-        """nanoGPT's rule (the flags' global batch on this many processes); with neither flag given, a checkpoint's
-        global batch is kept on another layout."""
-        args = self.args
-        batch = args.per_device_train_batch_size
-        accumulation = settle_accumulation(batch, world_size, args.gradient_accumulation_steps, args.global_batch_size)
-        pinned = args.gradient_accumulation_steps is not None or args.global_batch_size is not None
-        if self.resume and not pinned:
-            return self.resume.accumulation_keeping_global_batch(batch, world_size) or accumulation
-        return accumulation
+        self.total_steps: int | None = None  # (training() says)
+        self.recipe_state: dict | None = None  # the recipe's own, as last handed to save()
 
     def check_steps(self, max_train_steps: int) -> None:
-        """A checkpoint at or past the last step has nothing left to train: refused, not reported as a success."""
-        if self.first_step >= max_train_steps:
-            fail(
-                f"{self.resume.path} is at step {self.first_step}, and the run ends at step {max_train_steps}: nothing "
-                "to train; raise --max_train_steps (or --num_train_epochs) to go on"
-            )
+        """A checkpoint at or past the last step: refused (checkpointing.Resume.check_steps)."""
+        if self.resume:
+            self.resume.check_steps(max_train_steps)
 
     @property
     def accumulation(self) -> int:
@@ -127,18 +130,21 @@ class Run:
             f"AdamW {adamw}" + (", compiled (torch.compile)" if self.args.torch_compile else "")
         )
 
-    def begin(self, model, optimizer, lr_scheduler) -> dict:
-        """After prepare(): the output folder and its log, the meter, the non-finite policy, Local SGD, the
+    def begin(self, model, optimizer, lr_scheduler, fit: dict | None = None) -> dict:
+        """After prepare(): a checkpoint checked against the model (and `fit`, the recipe's own: what else it must
+        match), the output folder held for this run and its log, the meter, the non-finite policy, Local SGD, the
         checkpointer, and the checkpoint (if resuming) restored into the prepared objects. Returns the recipe's own
         saved state ({} on a fresh start)."""
         accelerator, args = self.accelerator, self.args
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        fit = {**fit_of(accelerator.unwrap_model(model)), **(fit or {})}
+        if self.resume:
+            self.resume.check_fit(fit)
         parameters = sum(p.numel() for p in model.parameters())
         check_disk(accelerator, self.output_dir, parameters, checkpoints=args.checkpointing_steps is not None)
-        if self.signals.anywhere(accelerator):  # preempted before the first step: nothing to save yet
-            accelerator.end_training()
-            message = f"{self.recipe}: {self.signals.describe()} before training began: nothing to save"
-            self.signals.end_run(message, then=", run the same command again")
+        self.signals.stop_if_any_before_training(accelerator, self.recipe)
+        command, fresh = command_of(vars(args)), not self.resume
+        self.folder_lock = hold_folder(accelerator, self.output_dir, self.run_id, self.recipe, command, fresh)
         resumed_step = self.resume.step if self.resume else None
         self.log = RunLog(accelerator, self.output_dir, resumed_step, args.tracker_project, vars(args))
         self.meter = Meter(accelerator, self.unit, self.start_time)
@@ -149,6 +155,8 @@ class Run:
             accelerator,
             folder,
             recipe=self.recipe,
+            run_id=self.run_id,
+            fit=fit,
             layout=self.layout,
             every=args.checkpointing_steps,
             keep=args.checkpoints_total_limit,
@@ -160,11 +168,7 @@ class Run:
             paused=self.meter.paused,
         )
         if args.torch_compile:
-            # --torch_compile (transformers' TrainingArguments flag): the module compiles its own forward in place,
-            # inside DDP, so its parameters keep their names: no `_orig_mod.` in checkpoints or saved weights, and a
-            # compiled run's checkpoint resumes uncompiled and the other way round. (accelerate's dynamo_backend
-            # wraps the model instead, and its checkpoints then carry the prefix.)
-            accelerator.unwrap_model(model).compile()
+            compile_in_place(accelerator.unwrap_model(model))
         self.signals.training_began()
         return self.checkpointer.restore(self.resume) if self.resume else {}
 
@@ -173,6 +177,7 @@ class Run:
         """Around the loop: the progress bar (closed whatever ends the loop) and Local SGD's no_sync. The bar is drawn
         on a terminal only: in a log file the log lines say how far the run is."""
         hidden = True if not self.accelerator.is_main_process else None
+        self.total_steps = total_steps
         bar = dict(total=total_steps, initial=self.first_step, disable=hidden, mininterval=1.0, dynamic_ncols=True)
         with tqdm(**bar, desc="train") as self.progress, self.local_sgd:
             yield self.progress
@@ -218,6 +223,7 @@ class Run:
         signal check is a collective; asking at every step would cost data parallelism a few percent), after a signal
         on any process: every process checkpoints, then the run ends (75, or 130 after Ctrl-C). `state`: the recipe's
         own, to come back from `begin` on resume."""
+        self.recipe_state = state
         self.checkpointer.save(step, state, epoch_end=epoch_end)
         if epoch_end or step % self.args.log_every or not self.signals.anywhere(self.accelerator):
             return
@@ -232,10 +238,29 @@ class Run:
     def finish(self, model, tokenizer, results: dict) -> dict:
         """The end of training: the model and tokenizer in Hugging Face format, all_results.json (strict JSON, null
         where a value is missing) and run_args.json, and the trackers closed. Every process calls it."""
-        save_model(self.accelerator, model, tokenizer, self.output_dir)
+        try:
+            save_model(self.accelerator, model, tokenizer, self.output_dir)
+        except WriteFailed as failed:  # the training is not lost: a checkpoint of the final state, then the line
+            self.checkpointer.keep_final_state(self.total_steps, self.recipe_state, str(failed))
         results = {**results, "total_runtime_s": time.perf_counter() - self.start_time}
         if self.accelerator.is_main_process:
             write_json(self.output_dir / "all_results.json", results)
             write_json(self.output_dir / "run_args.json", vars(self.args))
         self.accelerator.end_training()
+        self.folder_lock.release()
         return results
+
+    def write_file(self, name: str, text: str) -> None:
+        """A file of the recipe's own in the output folder, whole or not at all (main process)."""
+        write_whole(self.output_dir / name, text)
+
+
+def accumulation_for(args: argparse.Namespace, world_size: int, resume: Resume | None) -> int:
+    """nanoGPT's rule (the flags' global batch on this many processes); with neither flag given, a checkpoint's
+    global batch is kept on another layout."""
+    batch = args.per_device_train_batch_size
+    accumulation = settle_accumulation(batch, world_size, args.gradient_accumulation_steps, args.global_batch_size)
+    pinned = args.gradient_accumulation_steps is not None or args.global_batch_size is not None
+    if resume and not pinned:
+        return resume.accumulation_keeping_global_batch(batch, world_size) or accumulation
+    return accumulation

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from messages import logger
+from run_folder import append_line, write_whole
 
 
 class RunLog:
@@ -31,8 +32,8 @@ class RunLog:
             if resumed_step is None:
                 self.path.unlink(missing_ok=True)
             elif self.path.is_file():
-                lines = self.path.read_text().splitlines()
-                self.path.write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= resumed_step))
+                records = read_records(self.path)
+                write_whole(self.path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= resumed_step))
         if accelerator.log_with:
             accelerator.project_configuration.set_directories(str(output_dir))  # tensorboard logs go under it
             plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
@@ -49,8 +50,23 @@ class RunLog:
     def __call__(self, record: dict, message: str | None = None) -> None:
         """A record ({"step": N, ...}) in metrics.jsonl and the trackers, and a line for the user."""
         if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if message:
             logger.info(message)
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records. A line that is not one (a blank line, or the last line cut short by a crash or a full
+    disk) is skipped, and the log says so."""
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif line.strip():
+            logger.warning(f"{path}: line {number} is not a whole record (cut short?); skipped")
+    return records

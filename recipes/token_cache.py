@@ -22,15 +22,16 @@ import json
 import os
 import shutil
 import socket
-import threading
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import psutil
 from accelerate import PartialState
 from faults import BAD_INPUT_EXIT_CODE, FAILED_EXIT_CODE, INTERRUPTED_EXIT_CODE, fail
+from heartbeat_lock import HeartbeatLock
+from manifest import check_manifest, manifest_of
 from messages import first_line, logger
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -67,11 +68,13 @@ def tokenizer_spec(args: argparse.Namespace) -> str:
     return args.tokenizer or getattr(args, "model_name_or_path", None) or "char"
 
 
-CACHE_FORMAT_VERSION = 3
+CACHE_FORMAT_VERSION = 4  # 4: meta.json holds the token files' manifest
 PIECE_BYTES = 8 * 2**20  # text read, tokenized and written at a time: it bounds the memory, not the corpus
 CHUNK_CHARS = 2**14  # text per item given to the Rust tokenizer (see chunks)
-HEARTBEAT_S, STALE_AFTER_S = 10, 60  # a builder touches its lock this often; one silent this long is gone
 ABANDONED_AFTER_S = 300  # a process waiting on an entry that nobody builds gives up after this
+# The token files' SHA-256 is checked on every run up to this size (about 1 s per GB, docs/benchmarks.md); past it,
+# their sizes only, and `python recipes/token_cache.py` with the same flags checks it whole.
+DIGEST_LIMIT_BYTES = 2 * 2**30
 EOS = "<|endoftext|>"  # the document separator of a BPE trained here (GPT-2's name for it)
 # A corpus is read as batches of items: a piece of text, or None where a document ends (EOS, if the tokenizer has one).
 
@@ -292,79 +295,69 @@ def prepare_token_cache(args, builds: bool) -> tuple[Path, dict]:
     key, source = token_cache_key(args)
     root = Path(args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "accel-dp", "tokens"))
     entry, started, next_note = root / key, time.time(), time.time() + 30
-    lock, unbuilt_since = root / f"{key}.lock", time.time()
+    try:  # (a built entry may be read from a read-only cache)
+        if not (entry / "meta.json").is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=root):  # (os.access says yes to root, also on a read-only file system)
+                pass
+    except OSError as error:
+        fail(f"--cache_dir {root} cannot be written to ({error.strerror}): choose another folder with --cache_dir")
+    lock, unbuilt_since = HeartbeatLock(root / f"{key}.lock"), time.time()
     while not (entry / "meta.json").is_file():
-        if builds and claim(lock):
-            build_token_cache(args, source, root, key)
+        if builds and lock.claim():
+            build_token_cache(args, source, root, key, lock)
             continue
         failed = root / f"{key}.failed"
         if failed.is_file() and failed.stat().st_mtime >= started:  # the builder has said why; leave as it did
             raise SystemExit(int(failed.read_text() or FAILED_EXIT_CODE))
-        builder = lock_holder(lock)
-        if builder is not None and not builder[1]:  # a live builder's heartbeat: wait as long as it works
+        builder = lock.holder()
+        if builder is not None and not builder.gone:  # a live builder's heartbeat: wait as long as it works
             unbuilt_since = time.time()
         elif time.time() - unbuilt_since > ABANDONED_AFTER_S:
             fail(
-                f"no process has built the token cache {entry} for {ABANDONED_AFTER_S} s (lock {lock}: "
-                f"{'none' if builder is None else 'stale, from ' + builder[0]}): build it first with "
+                f"no process has built the token cache {entry} for {ABANDONED_AFTER_S} s (lock {lock.path}: "
+                f"{'none' if builder is None else 'stale, from ' + builder.who}): build it first with "
                 "`accel-dp prepare gpt-pretrain -- <the same data flags>`, or remove the lock if its builder is gone"
             )
         if time.time() > next_note:
             written = sum(p.stat().st_size for p in root.glob(f"{key}.tmp-*/*.bin"))
-            holder = "no builder yet" if builder is None else f"builder {builder[0]}"
+            holder = "no builder yet" if builder is None else f"builder {builder.who}"
             logger.info(
-                f"waiting {time.time() - started:,.0f} s for the token cache {entry} (lock {lock}, {holder}): "
+                f"waiting {time.time() - started:,.0f} s for the token cache {entry} (lock {lock.path}, {holder}): "
                 f"{written / 2**20:,.0f} MiB written so far"
             )
             next_note += 30
         time.sleep(0.5)
-    return entry, json.loads((entry / "meta.json").read_text())
+    return entry, checked_entry(entry, digests=builds)
 
 
-def lock_holder(lock: Path) -> tuple[str, bool] | None:
-    """(host:pid of the builder that holds the lock, whether it is gone), or None without a lock. A builder beats
-    (touches its lock) every HEARTBEAT_S: one that has not for STALE_AFTER_S is gone, whatever its pid says (after a
-    restart, another process may hold that pid); so is a process of this machine that no longer runs."""
+def checked_entry(entry: Path, digests: bool, digest_limit: float = DIGEST_LIMIT_BYTES) -> dict:
+    """The entry's meta.json, once its token files are checked against it: their sizes always, and (`digests`: one
+    process per machine) their SHA-256 when the entry holds at most DIGEST_LIMIT_BYTES. A damaged entry is refused
+    with what to delete, never trained on."""
     try:
-        holder, age = lock.read_text(), time.time() - lock.stat().st_mtime
-    except OSError:
-        return None
-    host, _, pid = holder.partition(":")
-    gone = age > STALE_AFTER_S or (host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid)))
-    return holder or "a builder still writing its lock", gone
+        meta = json.loads((entry / "meta.json").read_text())
+        files = meta["files"]
+        whole = sum(size for size, _ in files.values())
+        check_manifest(entry, files, digests=digests and whole <= digest_limit)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        fail(
+            f"the token cache {entry} is damaged or from an older version ({type(error).__name__}: "
+            f"{first_line(error)}): delete that folder and run again, and it is rebuilt"
+        )
+    return meta
 
 
-def claim(lock: Path) -> bool:
-    """Take a cache entry's lock file: a new one, or one whose builder is gone (lock_holder)."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    holder = lock_holder(lock)
-    if holder is not None and holder[1]:
-        lock.unlink(missing_ok=True)
-        for staging in lock.parent.glob(f"{lock.stem}.tmp-*"):  # what the builder that is gone left half-written
-            shutil.rmtree(staging, ignore_errors=True)
-    try:
-        with lock.open("x") as f:
-            f.write(f"{socket.gethostname()}:{os.getpid()}")
-    except FileExistsError:
-        return False
-    return True
-
-
-def build_token_cache(args, source: dict, root: Path, key: str) -> None:
-    """Tokenize into a staging folder and rename it into place, touching the lock file every 10 s as a heartbeat."""
-    lock, staging = root / f"{key}.lock", root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
+def build_token_cache(args, source: dict, root: Path, key: str, lock: HeartbeatLock) -> None:
+    """Tokenize into a staging folder and rename it into place, holding the entry's lock (claimed) throughout."""
+    staging = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
     (root / f"{key}.failed").unlink(missing_ok=True)
-    done = threading.Event()
-
-    def heartbeat() -> None:
-        while not done.wait(HEARTBEAT_S):
-            lock.touch()
-
-    threading.Thread(target=heartbeat, daemon=True).start()
     try:
-        shutil.rmtree(staging, ignore_errors=True)
+        for abandoned in root.glob(f"{key}.tmp-*"):  # what a builder that is gone left half-written
+            shutil.rmtree(abandoned, ignore_errors=True)
         staging.mkdir(parents=True)
         meta = tokenize_corpus(args, staging)
+        meta["files"] = manifest_of(staging, [staging / "train.bin", staging / "val.bin"])
         (staging / "meta.json").write_text(json.dumps({**meta, "source": source}, indent=1))
         try:
             staging.rename(root / key)
@@ -376,13 +369,11 @@ def build_token_cache(args, source: dict, root: Path, key: str) -> None:
         code = {BadCorpus: BAD_INPUT_EXIT_CODE, KeyboardInterrupt: INTERRUPTED_EXIT_CODE}.get(type(error), code)
         (root / f"{key}.failed").write_text(str(code))
         if isinstance(error, BadCorpus):
-            done.set()
-            lock.unlink(missing_ok=True)
+            lock.release()
             fail(str(error))
         raise
     finally:
-        done.set()
-        lock.unlink(missing_ok=True)
+        lock.release()
 
 
 def tokenize_corpus(args, folder: Path) -> dict:
@@ -435,7 +426,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     check_data_arguments(args)
     PartialState()  # accelerate's logger (the wait's progress lines) needs it; one process, no Accelerator
-    entry, meta = prepare_token_cache(args, builds=True)
+    entry, _ = prepare_token_cache(args, builds=True)
+    meta = checked_entry(entry, digests=True, digest_limit=float("inf"))  # whatever its size
     print(f"token cache {entry}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens")
     return {"token_cache": str(entry), **{k: v for k, v in meta.items() if k != "source"}}
 

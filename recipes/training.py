@@ -161,6 +161,14 @@ class LocalSGD:
                 parameter.data.copy_(averaged.view_as(parameter))
 
 
+def compile_in_place(model) -> None:
+    """--torch_compile (transformers' TrainingArguments flag): the module compiles its own forward in place, inside
+    DDP, so its parameters keep their names: no `_orig_mod.` in checkpoints or saved weights, and a compiled run's
+    checkpoint resumes uncompiled and the other way round. (accelerate's dynamo_backend wraps the model instead, and
+    its checkpoints then carry the prefix.)"""
+    model.compile()
+
+
 def load_pretrained(auto_class, name_or_path: str, new_modules: tuple[str, ...] = (), **kwargs):
     """`auto_class.from_pretrained` with fp32 master weights, whatever the checkpoint holds (transformers keeps a bf16
     one in bf16, which fp16's loss scaler cannot unscale and in which AdamW's small updates round away):

@@ -32,8 +32,9 @@ CONFIGS_DIR = REPO_ROOT / "accelerate_configs"
 DATA_DIR = REPO_ROOT / "data"
 SHAKESPEARE = DATA_DIR / "tinyshakespeare" / "input.txt"
 # The run kit: the modules beside the recipes that both import (docs/layout.md says what each holds).
-KIT_MODULES = ("accelerator_setup.py", "checkpointing.py", "faults.py", "messages.py", "metering.py", "run_args.py",
-               "run_folder.py", "run_kit.py", "run_log.py", "training.py")  # fmt: skip
+KIT_MODULES = ("accelerator_setup.py", "checkpointing.py", "faults.py", "heartbeat_lock.py", "manifest.py",
+               "messages.py", "metering.py", "run_args.py", "run_folder.py", "run_kit.py", "run_log.py",
+               "training.py")  # fmt: skip
 # This checkout's accel_dp, whatever else is installed (a bare `pytest` puts only tests/ on the path; the CLI
 # subprocesses get the same through subprocess_env's PYTHONPATH).
 sys.path.insert(0, str(REPO_ROOT))

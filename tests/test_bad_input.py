@@ -110,6 +110,40 @@ def rewritten(checkpoint: Path, **changes) -> Path:
     return checkpoint
 
 
+# The trained run's global batch of 4, kept on 1 and on 2 processes.
+ANY_PROCESSES = ("--per_device_train_batch_size", "2", "--global_batch_size", "4")
+
+
+def damaged_cache(tmp: Path, token_cache: Path, how: str) -> Path:
+    """A copy of the session's token cache, every entry damaged: its train.bin `cut` short, `overwritten` in place
+    at its size, or its `meta` garbled."""
+    trained_run(token_cache)  # (Tiny Shakespeare's entry is built)
+    shutil.copytree(token_cache, tmp / "cache", ignore=shutil.ignore_patterns("*.lock"))
+    for entry in [p for p in (tmp / "cache").iterdir() if (p / "meta.json").is_file()]:
+        data = (entry / "train.bin").read_bytes()
+        if how == "cut":
+            (entry / "train.bin").write_bytes(data[: len(data) // 2])
+        elif how == "overwritten":
+            (entry / "train.bin").write_bytes(data[:1000] + bytes(1000) + data[2000:])
+        else:
+            (entry / "meta.json").write_text('{"dtype": "uint16", "train_tok')
+    return tmp / "cache"
+
+
+def held_by_another_run(folder: Path) -> Path:
+    """A folder whose lock another run (on another machine) holds, its heartbeat fresh."""
+    folder.mkdir()
+    (folder / "run.lock").write_text("otherhost:4242\n2026-12-04 03:00:00")
+    return folder
+
+
+def reused_by_another_run(tmp: Path, token_cache: Path) -> Path:
+    """A run's folder, checkpoints and all, whose run.json now names another run."""
+    shutil.copytree(trained_run(token_cache), tmp / "reused")
+    (tmp / "reused" / "run.json").write_text(json.dumps({"run": "20261201-000000-aaaaaaaa", "started": "then"}))
+    return tmp / "reused"
+
+
 def busy_port(tmp: Path) -> int:
     sock = socket.socket()
     sock.bind(("", 0))
@@ -169,6 +203,25 @@ CASES = {
         t, c, "--resume_from_checkpoint", str(rewritten(checkpoint_of(t, c), format=None)),
         "--max_train_steps", "2",
     ),
+    "kit-output-dir-in-use": lambda t, c: (
+        held_by_another_run(t / "out"), gpt(t, c, "--resume_from_checkpoint", "latest"))[1],
+    "kit-latest-of-another-run": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", "latest", "--output_dir", str(reused_by_another_run(t, c)), *ANY_PROCESSES),
+    "kit-checkpoint-other-recipe": lambda t, c: glue(t, "--resume_from_checkpoint", str(checkpoint_of(t, c))),
+    "kit-checkpoint-other-model": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(checkpoint_of(t, c)), "--max_train_steps", "2", "--n_layer", "3",
+        *ANY_PROCESSES),
+    "kit-checkpoint-other-tokenizer": lambda t, c: gpt(
+        t, c, "--resume_from_checkpoint", str(checkpoint_of(t, c)), "--max_train_steps", "2", "--tokenizer", "byte",
+        *ANY_PROCESSES),
+    "gpt-token-cache-cut-short": lambda t, c: gpt(t, c, "--cache_dir", str(damaged_cache(t, c, "cut"))),
+    "gpt-token-cache-overwritten": lambda t, c: gpt(t, c, "--cache_dir", str(damaged_cache(t, c, "overwritten"))),
+    "gpt-token-cache-meta-garbled": lambda t, c: gpt(t, c, "--cache_dir", str(damaged_cache(t, c, "meta"))),
+    "gpt-learning-rate-not-a-number": lambda t, c: gpt(t, c, "--learning_rate", "nan"),
+    "gpt-learning-rate-negative": lambda t, c: gpt(t, c, "--learning_rate", "-1"),
+    "gpt-dropout-beyond-one": lambda t, c: gpt(t, c, "--dropout", "1.5"),
+    "gpt-cache-dir-is-a-file": lambda t, c: (
+        (t / "notes.txt").write_text("notes"), gpt(t, c, "--cache_dir", str(t / "notes.txt")))[1],
     "gpt-memory-cannot-fit": lambda t, c: gpt(t, c, "--per_device_train_batch_size", "10000000"),
     "kit-checkpointing-steps-not-a-number": lambda t, c: gpt(t, c, "--checkpointing_steps", "often"),
     "kit-fp16-on-cpu": lambda t, c: gpt(t, c, "--mixed_precision", "fp16"),
@@ -186,7 +239,9 @@ CASES = {
     "glue-empty-label": lambda t, c: glue(t, *tsv_files(t, '"Quoted," he said.\tA guy.\t1\nA dog.\tA cat.\t\n')),
     "glue-label-out-of-range": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "7\t1\t2\tA man.\tA guy.\n"))),
     "glue-checkpointing-steps-not-a-number": lambda t, c: glue(t, "--checkpointing_steps", "often"),
-    "glue-metric-not-loadable": lambda t, c: glue(t, "--metric", "glue"),
+    "glue-learning-rate-not-a-number": lambda t, c: glue(t, "--learning_rate", "nan"),
+    "glue-metric-not-loadable": lambda t, c: glue(t, "--metric", "glue", "--trust_remote_code"),
+    "glue-hub-metric-without-trust": lambda t, c: glue(t, "--metric", "glue"),
     # accel-dp run
     "cli-unknown-recipe": lambda t, c: cli("run", "bert-pretrain", "--cpu"),
     "cli-missing-config": lambda t, c: cli("run", "gpt-pretrain", "--config", str(t / "nope.yaml")),
@@ -201,6 +256,13 @@ CASES = {
     "cli-gpus-beyond-machine": lambda t, c: cli("run", "gpt-pretrain", "--gpus", "8"),
     "cli-port-in-use": lambda t, c: cli(
         "run", "gpt-pretrain", "--cpu", "--procs", "2", "--main-port", str(busy_port(t))),
+    "cli-main-port-out-of-range": lambda t, c: cli("run", "gpt-pretrain", "--cpu", "--main-port", "99999"),
+    "cli-copy-through-a-symlink": lambda t, c: (
+        (t / "dest").mkdir(), (t / "elsewhere.py").write_text("mine"),
+        (t / "dest" / "gpt_pretrain.py").symlink_to(t / "elsewhere.py"),
+        cli("copy", "gpt-pretrain", str(t / "dest"), "--force"))[-1],
+    "cli-copy-under-a-file": lambda t, c: (
+        (t / "notes.txt").write_text("notes"), cli("copy", "gpt-pretrain", str(t / "notes.txt" / "project")))[1],
     "cli-fp16-on-cpu": lambda t, c: cli("run", "gpt-pretrain", "--cpu", "--mixed-precision", "fp16"),
 }  # fmt: skip
 

@@ -11,6 +11,7 @@ import pickle
 from pathlib import Path
 
 import checkpointing
+import manifest
 import pytest
 import torch
 from conftest import (
@@ -56,7 +57,8 @@ def tiny_run(root: Path, every=2, keep=None, layout=(4, 1, 1)):
     counter = Counter()
     checkpointer = checkpointing.Checkpointer(
         accelerator, checkpointing.CheckpointFolder(root / "checkpoints"), recipe="test",
-        layout=checkpointing.Layout(*layout), every=every, keep=keep, model=model, optimizer=optimizer,
+        run_id="run-a", fit={"size": 4}, layout=checkpointing.Layout(*layout), every=every, keep=keep, model=model,
+        optimizer=optimizer,
         local_sgd=LocalSGD(accelerator, model, None), parts={"counter": counter}, seed=0,
         paused=lambda what: contextlib.nullcontext(),
     )  # fmt: skip
@@ -88,7 +90,24 @@ def test_a_checkpoint_is_written_when_due_and_latest_names_the_newest_whole_one(
                                                       "gradient_accumulation_steps": 1}  # fmt: skip
     for name, (size, digest) in state["files"].items():  # the manifest: every file at its size and checksum
         assert (tmp_path / "checkpoints" / "step-0000005" / name).stat().st_size == size
-        assert checkpointing.sha256_of(tmp_path / "checkpoints" / "step-0000005" / name) == digest
+        assert manifest.sha256_of(tmp_path / "checkpoints" / "step-0000005" / name) == digest
+
+
+def test_a_second_ctrl_c_during_a_save_leaves_no_partial_checkpoint_and_latest_as_it_was(tmp_path, monkeypatch):
+    model, optimizer, counter, checkpointer = tiny_run(tmp_path, every=1)
+    train_one_step(model, optimizer)
+    checkpointer.save(1)
+    real_save_state = checkpointer.accelerator.save_state
+
+    def interrupted_save_state(folder):
+        real_save_state(folder)  # the files are written, the manifest not yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpointer.accelerator, "save_state", interrupted_save_state)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save(2)
+    assert saved_steps(tmp_path) == ["latest", "step-0000001"]
+    assert checkpointer.folder.latest_name() == "step-0000001"
 
 
 def test_only_the_newest_checkpoints_are_kept_and_never_the_one_latest_names(tmp_path):
@@ -295,7 +314,7 @@ def test_a_save_that_fails_at_any_point_leaves_latest_whole_and_the_resume_exact
     assert json.loads((checkpoints / "step-0000002" / "training_state.json").read_text())["step"] == 2
     if point == "in save_state":  # the failed save says why, and removed what it wrote
         error = capsys.readouterr().err
-        assert "could not write checkpoint" in error and "GiB are free on its file system" in error
+        assert "could not write checkpoint" in error and "MiB are free on its file system" in error
         assert not (checkpoints / "step-0000004.partial").exists()
     recipe.main([*args, "--resume_from_checkpoint", "latest"])
     assert torch.equal(saved_parameters(tmp_path / "run"), saved_parameters(tmp_path / "whole"))
@@ -306,9 +325,10 @@ def fake_checkpoint(folder: Path, files: dict[str, bytes], layout: dict) -> Path
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
-    files = {n: [len(d), checkpointing.sha256_of(folder / n)] for n, d in files.items()}
+    files = {n: [len(d), manifest.sha256_of(folder / n)] for n, d in files.items()}
     state = {"format": checkpointing.CHECKPOINT_FORMAT, "step": 4, "layout": layout, "per_process_optimizer": False,
-             "parts": {}, "recipe": {}, "files": files}  # fmt: skip
+             "parts": {}, "recipe": {}, "files": files, "written_by": {"recipe": "gpt-pretrain", "run": "run-a"},
+             "fit": {}, "final": False}  # fmt: skip
     (folder / "training_state.json").write_text(json.dumps(state))
     return folder
 
@@ -406,7 +426,7 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path, token
     # The attacker also fixes the file's size in the checkpoint's list, so that only loading it can tell.
     state = json.loads((checkpoint / "training_state.json").read_text())
 
-    state["files"][poisoned] = [(checkpoint / poisoned).stat().st_size, checkpointing.sha256_of(checkpoint / poisoned)]
+    state["files"][poisoned] = [(checkpoint / poisoned).stat().st_size, manifest.sha256_of(checkpoint / poisoned)]
     (checkpoint / "training_state.json").write_text(json.dumps(state))
     assert pickle.loads((checkpoint / poisoned).read_bytes()) and marker.exists()  # the payload does work...
     marker.unlink()

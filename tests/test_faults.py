@@ -127,6 +127,29 @@ def test_run_main_leaves_with_the_code_the_run_earned_and_one_line(capsys):
         faults.run_main(bug, "gpt-pretrain")
 
 
+def test_what_must_happen_before_leaving_happens_however_the_run_ends():
+    """The run folder's lock is released so: after a finished run, bad input, a failure during training, Ctrl-C and
+    a crash alike."""
+    released = []
+
+    def ending(how):
+        def main():
+            faults.before_leaving(lambda: released.append(how))
+            if how == "stop":
+                faults.stop("could not write metrics.jsonl")
+            if how == "Ctrl-C":
+                raise KeyboardInterrupt
+            if how == "crash":
+                raise ZeroDivisionError
+
+        return main
+
+    for how in ("finished", "stop", "Ctrl-C", "crash"):
+        with contextlib.suppress(SystemExit, ZeroDivisionError):
+            faults.run_main(ending(how), "gpt-pretrain")
+    assert released == ["finished", "stop", "Ctrl-C", "crash"]
+
+
 def test_an_error_line_goes_to_accel_dps_folder_when_it_runs_the_processes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(faults.ERROR_DIR_VARIABLE, str(tmp_path))
     monkeypatch.setenv("RANK", "1")
@@ -217,6 +240,62 @@ def test_a_fault_ends_truthfully_and_the_run_resumes_exactly(tmp_path, token_cac
         resumed = start_with_fault(processes, [*run_args, "--resume_from_checkpoint", "latest"])
         _, resumed_stderr = resumed.communicate(timeout=300)
         assert resumed.returncode == 0, resumed_stderr[-3000:]
+    assert torch.equal(saved_parameters(tmp_path / "run"), matrix_reference[processes])
+
+
+# The write-fault matrix: the disk fills at each write of a run (tests/fault_injection: ENOSPC, with half of what was
+# being written on the disk). What is written, and which of them: (ACCEL_DP_FAULT_FILE, ACCEL_DP_FAULT_NTH).
+FULL_DISK_AT = {
+    "metrics_line": ("metrics.jsonl", 5),  # the 5th record: after the checkpoint at step 4
+    "checkpoint_file": ("step-", 2),  # the weights of the checkpoint at step 8
+    "manifest": ("training_state.json", 2),
+    "latest": ("latest.partial", 2),
+    "all_results": ("all_results.json.partial", 1),
+    "final_model": ("final-model", 1),
+}
+
+
+def assert_every_file_whole_or_absent(run_dir: Path) -> None:
+    """No partial file or folder; every JSON file and metrics.jsonl line parses; `latest` names a whole checkpoint."""
+    partial = [p for p in run_dir.rglob("*") if p.name.endswith(".partial")]
+    assert not partial, partial
+    for file in run_dir.rglob("*.json"):
+        json.loads(file.read_text())
+    if (run_dir / "metrics.jsonl").is_file():
+        [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file():
+        assert (latest.parent / latest.read_text() / "training_state.json").is_file()
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("write", sorted(FULL_DISK_AT))
+def test_a_full_disk_at_any_write_ends_in_one_line_and_the_run_resumes_exactly(
+    tmp_path, token_cache, matrix_reference, write, processes
+):
+    name, nth = FULL_DISK_AT[write]
+    run_args = args(tmp_path / "run", token_cache)
+    run = start_with_fault(processes, run_args, ACCEL_DP_FAULT_PHASE="enospc", ACCEL_DP_FAULT_FILE=name,
+                           ACCEL_DP_FAULT_NTH=str(nth))  # fmt: skip
+    try:
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == faults.FAILED_EXIT_CODE, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "MiB are free" in errors[0], stderr[-3000:]
+    deadline = time.monotonic() + 10
+    while [p for p in psutil.process_iter(["environ"]) if under(p, tmp_path)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in psutil.process_iter(["environ"]) if under(p, tmp_path)], "a process was left running"
+    assert_every_file_whole_or_absent(tmp_path / "run")
+    assert not (tmp_path / "run" / "run.lock").exists()
+    resumed = start_with_fault(processes, [*run_args, "--resume_from_checkpoint", "latest"])
+    _, resumed_stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, resumed_stderr[-3000:]
     assert torch.equal(saved_parameters(tmp_path / "run"), matrix_reference[processes])
 
 
@@ -317,7 +396,9 @@ def rank_process(launcher_pid: int, rank: int) -> int:
     ("recipe", "procs", "how"),
     [pytest.param("gpt-pretrain", 1, "SIGUSR1", marks=pytest.mark.xdist_group("gpt-1")),
      pytest.param("gpt-pretrain", 2, "SIGUSR1 to rank 1 only", marks=pytest.mark.xdist_group("gpt-2")),
-     pytest.param("glue-bert", 1, "SIGTERM to accel-dp", marks=pytest.mark.xdist_group("glue-1"))],
+     pytest.param("glue-bert", 1, "SIGTERM to accel-dp", marks=pytest.mark.xdist_group("glue-1")),
+     pytest.param("gpt-pretrain", 1, "SIGHUP", marks=pytest.mark.xdist_group("gpt-1")),
+     pytest.param("gpt-pretrain", 2, "SIGHUP to accel-dp", marks=pytest.mark.xdist_group("gpt-2"))],
 )  # fmt: skip
 def test_preempted_run_checkpoints_exits_75_and_resumes_bitwise_equal(
     tmp_path, token_cache, uninterrupted, recipe, procs, how
@@ -336,6 +417,9 @@ def test_preempted_run_checkpoints_exits_75_and_resumes_bitwise_equal(
         # signalled, makes every rank checkpoint.)
         "SIGTERM to accel-dp": lambda process: process.send_signal(signal.SIGTERM),
         "SIGUSR1 to rank 1 only": lambda process: os.kill(rank_process(process.pid, 1), signal.SIGUSR1),
+        # A closed terminal or SSH session: kept as a preemption, by the recipe and by accel-dp alike.
+        "SIGHUP": lambda process: process.send_signal(signal.SIGHUP),
+        "SIGHUP to accel-dp": lambda process: process.send_signal(signal.SIGHUP),
     }
     via_accel_dp = "accel-dp" in how or procs > 1
     code, output = signal_after_first_checkpoint(recipe, procs, args(), preempted, senders[how], via_accel_dp)

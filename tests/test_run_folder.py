@@ -1,11 +1,30 @@
-"""What the recipes save is a standard Hugging Face model folder: `transformers.pipeline` uses it as it is."""
+"""recipes/run_folder.py and heartbeat_lock.py: a run's folder belongs to one run (its lock, its identity, an
+earlier run's files moved aside, never deleted), every file in it is whole or absent, and what the recipes save is a
+standard Hugging Face model folder (`transformers.pipeline` uses it as it is). The full disk at each write is the
+write-fault matrix, in tests/test_faults.py."""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import heartbeat_lock
 import pytest
 import run_folder
 import torch
-from conftest import load_recipe, reset_accelerate_state
+from conftest import (
+    accel_dp_run,
+    gpt_args,
+    kill_process_tree,
+    load_recipe,
+    recipe_command,
+    reset_accelerate_state,
+    subprocess_env,
+)
 from transformers import pipeline
 
 GLUE_TINY = [
@@ -58,3 +77,127 @@ def test_results_are_strict_json_with_null_where_a_value_is_missing():
     text = json.dumps(run_folder.finite_or_null(results))
     assert json.loads(text) == {"eval_loss": None, "mfu": None, "curve": [1.0, None], "steps": 3}
     assert "NaN" not in text and "Infinity" not in text
+
+
+def test_a_lock_is_refused_while_its_holder_beats_and_taken_over_once_it_is_gone(tmp_path):
+    lock = heartbeat_lock.HeartbeatLock(tmp_path / "run.lock")
+    (tmp_path / "run.lock").write_text("otherhost:4242\n2026-12-04 03:00:00")  # another machine's run, beating
+    assert not lock.claim()
+    holder = lock.holder()
+    assert holder.who == "otherhost:4242" and not holder.gone and "since 2026-12-04 03:00:00" in holder.describe()
+    silent = time.time() - 2 * heartbeat_lock.STALE_AFTER_S
+    os.utime(tmp_path / "run.lock", (silent, silent))  # its heartbeat stopped: the machine is gone
+    assert lock.holder().gone and lock.claim()
+    assert lock.holder().who == f"{socket.gethostname()}:{os.getpid()}"
+    lock.release()
+    assert not (tmp_path / "run.lock").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "run.lock").write_text(f"{socket.gethostname()}:{dead.stdout.strip()}")  # a crashed run, here
+    assert lock.holder().gone
+    never_claimed = heartbeat_lock.HeartbeatLock(tmp_path / "run.lock")
+    never_claimed.release()  # releasing a lock it does not hold leaves it
+    assert (tmp_path / "run.lock").exists()
+
+
+FULL_FILE = """
+import resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import run_folder
+path = Path(sys.argv[2])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, a write fails (EFBIG) instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 10, resource.RLIM_INFINITY))
+try:
+    getattr(run_folder, sys.argv[3])(path, "x" * 100 + "\\n")
+except SystemExit as stopped:
+    sys.exit(stopped.code)
+"""
+
+
+@pytest.mark.parametrize("write", ["append_line", "write_whole"])
+def test_a_write_that_fails_part_way_leaves_the_file_as_it_was_and_says_so_in_one_line(tmp_path, write):
+    """A real partial write: the kernel lets 10 of the 101 bytes onto the disk (a file size limit, as a full disk
+    does), then refuses the rest."""
+    from conftest import RECIPES_DIR
+
+    target = tmp_path / "metrics.jsonl"
+    target.write_text('{"step": 1, "loss": 2.5}\n')
+    before = target.read_bytes()
+    (tmp_path / "write.py").write_text(FULL_FILE)
+    result = subprocess.run([sys.executable, str(tmp_path / "write.py"), str(RECIPES_DIR), str(target), write],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert f"could not write {target} (" in line and "MiB are free" in line and "--resume_from_checkpoint" in line
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "write.py"]  # no partial file left
+
+
+def tiny_gpt(output_dir, token_cache, *extra):
+    """4 steps at a global batch of 4, on 1 or 2 processes alike."""
+    return gpt_args(output_dir, token_cache, "--max_train_steps", "4", "--log_every", "1", "--eval_every", "4",
+                    "--sample_tokens", "0", "--per_device_train_batch_size", "2", "--global_batch_size", "4",
+                    *extra)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder_and_may_go_on_once_it_ends(
+    tmp_path, token_cache, capfd
+):
+    """A run holds its folder: a second one there, fresh or resuming `latest`, on 1 or 2 processes, is refused before
+    any work with the holder's host and pid, and leaves the first run's files as they were. Once the holder is gone
+    (killed: no one releases its lock), the folder is free again at once on the same machine."""
+    out = tmp_path / "run"
+    first = subprocess.Popen(recipe_command("gpt-pretrain", 1, tiny_gpt(out, token_cache, "--max_train_steps", "100000",
+                             "--checkpointing_steps", "2")), env=subprocess_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "latest").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
+            time.sleep(0.05)
+        for processes, resume in ((1, ()), (2, ("--resume_from_checkpoint", "latest"))):
+            capfd.readouterr()
+            code = accel_dp_run(
+                "gpt-pretrain", processes, tiny_gpt(out, token_cache, "--overwrite_output_dir", *resume)
+            )
+            err = capfd.readouterr().err
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            assert code == 2 and len(errors) == 1, err[-3000:]
+            assert f"is in use by another run ({socket.gethostname()}:{first.pid}, since " in errors[0]
+            assert first.poll() is None  # the first run goes on
+        assert not list(out.glob("overwritten-*"))
+    finally:
+        kill_process_tree(first.pid)
+        first.wait()
+    assert (out / "run.lock").exists()  # a killed run cannot release it; its pid is gone, so the lock is
+    assert accel_dp_run("gpt-pretrain", 2, tiny_gpt(out, token_cache, "--overwrite_output_dir")) == 0
+    assert not (out / "run.lock").exists() and (out / "all_results.json").is_file()
+
+
+def files_of(folder) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_overwrite_moves_the_earlier_run_aside_and_latest_never_resumes_it(tmp_path, token_cache, capfd):
+    """--overwrite_output_dir with --resume_from_checkpoint latest, as a Slurm requeue repeats it: the first start
+    moves the earlier run's files (its checkpoints too) into overwritten-*/ byte for byte, so `latest` cannot continue
+    that run; a repeat of the command before the new run's first checkpoint starts it afresh again."""
+    out = tmp_path / "run"
+    assert accel_dp_run("gpt-pretrain", 1, tiny_gpt(out, token_cache, "--checkpointing_steps", "2")) == 0
+    earlier = files_of(out)
+    assert "checkpoints/latest" in earlier and "run.json" in earlier
+    command = tiny_gpt(out, token_cache, "--overwrite_output_dir", "--resume_from_checkpoint", "latest", "--seed", "7")
+    for _ in range(2):
+        capfd.readouterr()
+        assert accel_dp_run("gpt-pretrain", 2, command) == 0
+        output = capfd.readouterr()
+        assert "the earlier run's files in" in output.out + output.err and "resumed from" not in output.out + output.err
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert records[0]["step"] == 1  # trained from the start, not from the earlier run's step 2
+        assert not (out / "checkpoints").exists()  # (this run makes none)
+    first_aside, second_aside = sorted(out.glob("overwritten-*"))
+    assert files_of(first_aside) == earlier
+    assert json.loads((out / "run.json").read_text())["run"] != json.loads(earlier["run.json"])["run"]
+    assert "all_results.json" in files_of(second_aside)  # the first attempt's files, kept as well

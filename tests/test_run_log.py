@@ -47,6 +47,38 @@ def test_each_record_is_one_line_and_a_resume_forgets_what_came_after_its_checkp
     assert not (run / "metrics.jsonl").exists()
 
 
+def test_a_resume_skips_a_blank_line_and_a_last_line_cut_short_and_says_so(tmp_path, caplog):
+    """What a crash or a full disk can leave in metrics.jsonl: a blank line, a last record cut off part way."""
+    from accelerate import Accelerator
+    from run_log import RunLog
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    with caplog.at_level("WARNING"):
+        RunLog(Accelerator(cpu=True), run, resumed_step=2, tracker_project="accel-dp", config={})
+    assert read_metrics(run) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert "line 4 is not a whole record (cut short?); skipped" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_run_whose_log_was_cut_short_resumes_through_accel_dp_run(tmp_path, token_cache, capfd):
+    from conftest import accel_dp_run
+
+    run = tmp_path / "run"
+    args = gpt_args(run, token_cache, "--max_train_steps", "4", "--checkpointing_steps", "2", "--log_every", "1",
+                    "--sample_tokens", "0")  # fmt: skip
+    assert accel_dp_run("gpt-pretrain", 2, args) == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('\n{"step": 5, "loss"')  # a crash mid-line, then a resume
+    capfd.readouterr()
+    assert accel_dp_run("gpt-pretrain", 2, [*args, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"]) == 0
+    output = capfd.readouterr()
+    assert "is not a whole record (cut short?); skipped" in output.out + output.err
+    steps = [record["step"] for record in read_metrics(run) if "loss" in record]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 NOISE = ("\x1b", "\r", "[RANK", "Removed shared tensor", "LOAD REPORT", "Loading weights", "Writing model shards",
          "tokenizing", "The following values were not passed")  # fmt: skip
 

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import heartbeat_lock
 import numpy as np
 import pytest
 import token_cache as token_cache_module
@@ -244,7 +245,7 @@ def test_a_stale_lock_is_taken_over_whatever_its_pid_says_and_a_wait_for_nobody_
     lock = tmp_path / "cache" / f"{key}.lock"
     lock.parent.mkdir()
     lock.write_text(f"{socket.gethostname()}:{os.getpid()}")
-    old = time.time() - 2 * token_cache_module.STALE_AFTER_S
+    old = time.time() - 2 * heartbeat_lock.STALE_AFTER_S
     os.utime(lock, (old, old))
     monkeypatch.setattr(token_cache_module, "ABANDONED_AFTER_S", 1)
     with pytest.raises(SystemExit) as exit_info:  # not a builder: it waits, then gives up

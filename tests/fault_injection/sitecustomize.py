@@ -6,14 +6,92 @@ process group of `accel-dp run` (Ctrl-C at its terminal), SIGTERM to `accel-dp r
 last rank (the out-of-memory killer). Phases: cache (tokenizing the corpus), first_step (the data and model ready,
 nothing trained), training (the third optimizer step), checkpoint (save_state written, its manifest not yet),
 eval (an evaluation begins), final_save (the trained model being saved). Nothing here runs without the variable.
+
+With ACCEL_DP_FAULT_PHASE=enospc, the disk fills at one write instead: the ACCEL_DP_FAULT_NTH-th (default 1st) file
+rank 0 opens for writing whose name is ACCEL_DP_FAULT_FILE (metrics.jsonl, training_state.json, latest.partial,
+all_results.json.partial), or the ACCEL_DP_FAULT_NTH-th safetensors file it saves under a folder whose name starts with
+ACCEL_DP_FAULT_FILE (step-: a checkpoint's weights; final-model: the final model's). Half of what was being written
+reaches the file, then the write fails with ENOSPC, as on a full disk; the disk is free again afterwards.
 """
 
+import builtins
+import errno
 import importlib.abc
+import io
 import os
 import signal
 import sys
 
 PHASE, SIGNAL = os.environ.get("ACCEL_DP_FAULT_PHASE"), os.environ.get("ACCEL_DP_FAULT_SIGNAL")
+FULL_AT, NTH = os.environ.get("ACCEL_DP_FAULT_FILE", ""), int(os.environ.get("ACCEL_DP_FAULT_NTH", "1"))
+seen = {"writes": 0}
+
+
+def disk_fills_now(path) -> bool:
+    """Whether this write is the one that meets a full disk (once, on rank 0)."""
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("ACCEL_DP_FAULT_DONE"):
+        return False
+    seen["writes"] += 1
+    if seen["writes"] < NTH:
+        return False
+    os.environ["ACCEL_DP_FAULT_DONE"] = "1"
+    return True
+
+
+def no_space(path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+class FillingFile:
+    """A file open for writing whose next write gets half its bytes onto the disk, then ENOSPC."""
+
+    def __init__(self, file):
+        self._file = file
+
+    def write(self, data):
+        self._file.write(data[: len(data) // 2])
+        self._file.flush()
+        raise no_space(self._file.name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def fill_the_disk() -> None:
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        writing = any(m in mode for m in "wax")
+        if writing and os.path.basename(str(file)) == FULL_AT and disk_fills_now(file):
+            return FillingFile(opened)
+        return opened
+
+    builtins.open = io.open = open_  # (pathlib's write_text calls io.open)
+
+
+def fill_the_disk_at_safetensors() -> None:
+    """safetensors writes in Rust: its save_file, wherever a library imported it, fails on the chosen folder."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, filename, *args, **kwargs):
+        real(tensors, filename, *args, **kwargs)
+        if os.path.basename(os.path.dirname(str(filename))).startswith(FULL_AT) and disk_fills_now(filename):
+            os.truncate(filename, os.path.getsize(filename) // 2)
+            raise no_space(filename)
+
+    for module in list(sys.modules.values()):
+        for name, value in list(getattr(module, "__dict__", {}).items()):
+            if value is real:
+                setattr(module, name, save_file)
 
 
 def deliver() -> None:
@@ -57,7 +135,17 @@ def patch(module) -> None:
         wrap(module.TokenFile, "write")
     if module.__name__ != "run_kit":
         return
-    if PHASE == "first_step":
+    if PHASE == "enospc" and FULL_AT in ("step-", "final-model"):
+        original_begin = module.Run.begin
+
+        def begin(*args, **kwargs):  # by now every library that saves safetensors is imported
+            fill_the_disk_at_safetensors()
+            return original_begin(*args, **kwargs)
+
+        module.Run.begin = begin
+    elif PHASE == "enospc":
+        fill_the_disk()
+    elif PHASE == "first_step":
         wrap(module.Run, "begin")
     elif PHASE == "training":
         wrap(module.Run, "step_done", at=lambda run, step, result: step == 3, after=True)

@@ -1,0 +1,79 @@
+"""A lock file that its holder keeps alive: the token cache's builder holds one per cache entry, a run one on its
+output folder. Machines sharing a file system see each other's.
+
+The file names its holder (host:pid) and when it took the lock; the holder touches it every HEARTBEAT_S. A lock not
+touched for STALE_AFTER_S is gone, whatever its pid says (after a restart another process may hold that pid), and so
+is one held by a process of this machine that no longer runs: either is taken over, so a crash never leaves a lock
+that a person must remove.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import NamedTuple
+
+import psutil
+
+HEARTBEAT_S, STALE_AFTER_S = 10, 60  # a holder touches its lock this often; one silent this long is gone
+
+
+class Holder(NamedTuple):
+    who: str  # host:pid
+    since: str  # when it took the lock, or "" when the file does not say
+    silent_s: float  # since its last heartbeat
+    gone: bool
+
+    def describe(self) -> str:
+        since = f", since {self.since}" if self.since else ""
+        return f"{self.who or 'a process still writing the lock'}{since}, last heartbeat {self.silent_s:.0f} s ago"
+
+
+class HeartbeatLock:
+    def __init__(self, path: Path):
+        self.path = path
+        self._done: threading.Event | None = None
+
+    def holder(self) -> Holder | None:
+        """Who holds the lock, or None when nobody does."""
+        try:
+            text, silent_s = self.path.read_text(), time.time() - self.path.stat().st_mtime
+        except OSError:
+            return None
+        who, _, since = text.partition("\n")
+        host, _, pid = who.partition(":")
+        here_and_dead = host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
+        return Holder(who, since.strip(), silent_s, silent_s > STALE_AFTER_S or here_and_dead)
+
+    def claim(self) -> bool:
+        """Take the lock: a new one, or one whose holder is gone. False while a live holder has it. The folder it lives
+        in must exist."""
+        holder, me = self.holder(), f"{socket.gethostname()}:{os.getpid()}"
+        if holder is not None and (holder.gone or holder.who == me):  # (this process's own: one run after another)
+            self.path.unlink(missing_ok=True)
+        try:
+            with self.path.open("x") as f:
+                f.write(f"{me}\n{datetime.now():%Y-%m-%d %H:%M:%S}")
+        except FileExistsError:
+            return False
+        self._done = threading.Event()
+        threading.Thread(target=self._beat, args=(self._done,), daemon=True).start()
+        return True
+
+    def _beat(self, done: threading.Event) -> None:
+        while not done.wait(HEARTBEAT_S):
+            try:
+                self.path.touch()
+            except OSError:  # a full or vanished file system: the lock goes stale, and is taken over
+                pass
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock (only a claimed one: a refused run never removes another's)."""
+        if self._done is not None:
+            self._done.set()
+            self._done = None
+            self.path.unlink(missing_ok=True)
