@@ -378,7 +378,3 @@ def slurm_command(
     except UsageError as err:
         fail(str(err))
     typer.echo(script.text, nl=False)  # plain: rich would read [brackets] in it as markup
-
-
-if __name__ == "__main__":
-    app(prog_name="accel-dp")  # `python -m accel_dp.cli` speaks, and completes, as the accel-dp command

@@ -47,6 +47,12 @@ def load_config(path: Path) -> dict:
         raise UsageError(
             f"config {path} is not valid YAML ({str(err).splitlines()[0]}): fix it or choose another"
         ) from None
+    except UnicodeDecodeError as err:
+        raise UsageError(
+            f"config {path} is not UTF-8 text (byte {err.start}): convert it, e.g. `iconv -t UTF-8`, or choose another"
+        ) from None
+    except OSError as err:
+        raise UsageError(f"config {path} cannot be read ({err.strerror}): fix it or choose another") from None
     if not isinstance(loaded, dict) or "distributed_type" not in loaded:
         raise UsageError(
             f"config {path} has no distributed_type: it is not an accelerate config (see `accelerate config`)"

@@ -89,25 +89,26 @@ def build_launch(
     if options.mixed_precision == "fp16" and on_cpu:
         raise UsageError("fp16 does nothing on CPU (accelerate silently ignores it): use --mixed-precision bf16")
 
+    # The user's own config keeps its process counts unless the topology flags say otherwise.
+    topology_given = options.gpus is not None or options.procs is not None or options.nodes > 1
+    from_config = config_processes_per_node(loaded) if config is not None and not topology_given else None
     if on_cpu:
-        per_node = options.procs if options.procs is not None else 1
+        per_node = options.procs if options.procs is not None else from_config or 1
         if per_node < 1:
             raise UsageError(f"--procs must be a positive integer, got {per_node}")
         device_words = f"{per_node} CPU process{'es' if per_node > 1 else ''}"
     else:
-        per_node = options.gpus if options.gpus is not None else gpus_available
+        per_node = options.gpus if options.gpus is not None else from_config or gpus_available
+        asked = f"--gpus {per_node}" if from_config is None else f"{config.name} (num_processes {per_node})"
         if per_node < 1:
             raise UsageError(f"--gpus must be a positive integer, got {per_node}")
         if per_node > gpus_available:
             raise UsageError(
-                f"--gpus {per_node} but this machine has {gpus_available} GPU(s): ask for at most {gpus_available}, "
+                f"{asked} but this machine has {gpus_available} GPU(s): ask for at most {gpus_available} with --gpus, "
                 "or add --dry-run to print the command for another machine"
             )
         device_words = f"{per_node} GPU{'s' if per_node > 1 else ''}"
     total = per_node * options.nodes
-
-    # The user's own config keeps its process counts unless the topology flags say otherwise.
-    topology_given = options.gpus is not None or options.procs is not None or options.nodes > 1
     if config is not None:
         distributed_type = str(loaded["distributed_type"]).upper()
         if distributed_type == "NO" and topology_given and total > 1:
@@ -149,6 +150,14 @@ def build_launch(
     where = f" x {options.nodes} nodes (this is node {options.node_rank})" if options.nodes > 1 else ""
     summary = f"{recipe_path.stem.replace('_', '-')} on {device_words}{where} with {config.name}"
     return Launch(argv=argv, env=env, summary=summary)
+
+
+def config_processes_per_node(loaded: dict) -> int | None:
+    """The processes a config starts on each machine (its num_processes counts all machines), None if it says not."""
+    try:
+        return max(1, int(loaded["num_processes"]) // max(1, int(loaded.get("num_machines") or 1)))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 DEFAULT_MAIN_PORT = 29500  # torchrun's and accelerate's default

@@ -183,7 +183,12 @@ def metric_label(metric: str) -> str:
 
 def series_label(run: str, metric: str, several_runs: bool) -> str:
     """A legend entry: the metric, and the run's name in front when several runs share the panel."""
-    return f"{run}: {metric_label(metric)}" if several_runs else metric_label(metric)
+    return f"{as_drawn(run)}: {metric_label(metric)}" if several_runs else metric_label(metric)
+
+
+def as_drawn(name: str) -> str:
+    """A folder name as matplotlib must be given it to draw it as it is: `$...$` would be read as mathtext."""
+    return name.replace("$", r"\$")
 
 
 def choose_panels(runs: list[Run]) -> list[Panel]:
@@ -359,7 +364,7 @@ def draw_curves(runs: list[Run], png_path: Path) -> DrawnFigure:
     run_handles = [Line2D([], [], color=RUN_COLORS[i % len(RUN_COLORS)], linewidth=3) for i in range(len(runs))]
     figure.legend(
         run_handles,
-        [run.name for run in runs],
+        [as_drawn(run.name) for run in runs],
         loc="outside upper center",
         ncols=min(len(runs), 4),
         frameon=False,

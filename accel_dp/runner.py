@@ -27,10 +27,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from pathlib import Path
 
 PREEMPTED_EXIT_CODE = 75  # the recipes' run kit: a checkpoint was written after a signal; run again to resume
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C, as the recipes' run kit ends it
 ERROR_DIR_VARIABLE = "ACCEL_DP_ERROR_DIR"  # the run kit writes each process's error line into this folder
 
 
@@ -101,9 +103,110 @@ def quiet_launcher_logs() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+class SignalRelay:
+    """The signals a run keeps, held from the moment accel-dp starts (`listen`) until its processes have exited.
+
+    SIGTERM, SIGUSR1 and SIGHUP (preemption, Slurm's --signal, a closed terminal) reach every process at once as
+    SIGTERM, and Ctrl-C as SIGINT (to the processes outside this one's process group: the terminal signalled the
+    others itself); a process started after the signal gets it when it appears. A second Ctrl-C is passed on again
+    (the recipes then stop at once). A process the signal killed before it could keep it (still importing) had not
+    begun training: nothing is lost, and the run ends as preempted (75) or interrupted (130). Before anything is
+    launched, or while the launcher still waits for other nodes that never come, the run ends at once."""
+
+    GIVE_UP_WAITING_S = 3.0  # a signal with no process started this long after it: the launcher is waiting for nodes
+
+    def __init__(self) -> None:
+        self.pending: signal.Signals | None = None  # what to pass on: SIGTERM (a preemption) or SIGINT (Ctrl-C)
+        self.received_at = 0.0
+        self.told: set[int] = set()
+        self.started_any = False
+        self.previous: dict = {}
+
+    def listen(self) -> None:
+        if self.previous:
+            return
+        self.previous = {
+            sig: signal.signal(sig, self.preempt) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+        }
+        self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self.interrupt)
+
+    def stop_listening(self) -> None:
+        """The handlers from before `listen` back, and nothing pending (a caller may run again in this process)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous, self.pending, self.told, self.started_any = {}, None, set(), False
+
+    def preempt(self, signum, frame) -> None:
+        self.receive(signal.SIGTERM)
+
+    def interrupt(self, signum, frame) -> None:
+        if self.pending == signal.SIGINT:  # the second Ctrl-C: every process hears it again, and stops at once
+            self.told.clear()
+        self.receive(signal.SIGINT)
+
+    def receive(self, sig: signal.Signals) -> None:
+        if self.pending is None or sig == signal.SIGINT:
+            self.pending, self.received_at = sig, time.monotonic()
+        self.pass_on()
+
+    def pass_on(self) -> None:
+        """Send the pending signal to each process that has not had it (a no-op with none pending)."""
+        import psutil
+
+        children = psutil.Process().children(recursive=self.pending == signal.SIGINT)
+        self.started_any = self.started_any or bool(children)
+        if self.pending is None:
+            return
+        own_group = os.getpgid(0)
+        for child in children:
+            if child.pid in self.told:
+                continue
+            try:
+                if self.pending == signal.SIGTERM or os.getpgid(child.pid) != own_group:
+                    child.send_signal(self.pending)
+                self.told.add(child.pid)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+
+    def gave_up_waiting(self) -> bool:
+        """A signal came and no process was started since: nothing runs that could keep it."""
+        return (
+            self.pending is not None
+            and not self.started_any
+            and time.monotonic() - self.received_at > self.GIVE_UP_WAITING_S
+        )
+
+    def ending(self, code: int) -> tuple[int, str | None]:
+        """The run's exit code, and a line when the signal decided it: a process it killed before the process could
+        keep it, or a run stopped before any process started."""
+        if self.pending is None or (code != -self.pending and self.started_any):
+            return code, None
+        if self.pending == signal.SIGINT:
+            return INTERRUPTED_EXIT_CODE, "accel-dp: interrupted (Ctrl-C) before training began: nothing to save"
+        name = "SIGTERM" if self.pending == signal.SIGTERM else self.pending.name
+        return (
+            PREEMPTED_EXIT_CODE,
+            f"accel-dp: preempted ({name}) before training began: nothing to save; run the same command again",
+        )
+
+
+RELAY = SignalRelay()  # one per process: `accel-dp` starts listening before its imports, run() until it returns
+
+
 def run(launch_args: list[str], env: dict[str, str] | None = None) -> int:
     """Run `accelerate launch launch_args` with `env` added to the environment; return the recipe's exit status."""
-    import psutil
+    RELAY.listen()
+    try:
+        return launch_and_wait(launch_args, env)
+    finally:
+        RELAY.stop_listening()
+
+
+def launch_and_wait(launch_args: list[str], env: dict[str, str] | None) -> int:
+    if RELAY.pending is not None:  # a signal before anything started
+        code, line = RELAY.ending(-RELAY.pending)
+        print(line, file=sys.stderr, flush=True)
+        return code
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(launch_args)
@@ -119,47 +222,32 @@ def run(launch_args: list[str], env: dict[str, str] | None = None) -> int:
         except BaseException as error:  # judged in the main thread
             outcome["error"] = error
 
-    def forward(signum, frame) -> None:
-        for child in psutil.Process().children():
-            try:
-                child.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-
-    def interrupt(signum, frame) -> None:
-        """Ctrl-C: the processes stop as after a preemption (a checkpoint if the run makes them, exit 130), and a
-        second Ctrl-C stops them at once; this process returns once they have all exited. The terminal signalled
-        the processes of this one's process group itself; torch's workers, in sessions of their own, hear it from
-        here."""
-        own_group = os.getpgid(0)
-        for child in psutil.Process().children(recursive=True):
-            try:
-                if os.getpgid(child.pid) != own_group:
-                    child.send_signal(signal.SIGINT)
-            except (psutil.NoSuchProcess, ProcessLookupError):
-                pass
-
+    # (A KeyboardInterrupt here would end the join below at once: on Python 3.11 an interrupted join marks the thread
+    # finished, CPython gh-90882. Ctrl-C is the relay's.)
     launcher = threading.Thread(target=launch, name="accelerate-launch", daemon=True)
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)  # (a KeyboardInterrupt here would end the
-    try:  # join below at once: on Python 3.11 an interrupted join marks the thread finished, CPython gh-90882)
+    try:
         launcher.start()
-        while launcher.is_alive():
+        while launcher.is_alive() and not RELAY.gave_up_waiting():
             launcher.join(0.5)  # returns now and then, so that signals are handled here at once
+            RELAY.pass_on()  # (a process started since the signal)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         os.environ.clear()
         os.environ.update(environment)
+    if launcher.is_alive():  # still waiting for nodes that never came: nothing was started
+        outcome["error"] = subprocess.CalledProcessError(-RELAY.pending, "accelerate launch")
     try:
         code, first_rank = exit_status(outcome.get("error"))
     except BaseException as error:  # the launcher failed on its own: its traceback, as accelerate would show it
         traceback.print_exception(error)
         code, first_rank = 1, None
+    code, line = RELAY.ending(code)
     report_errors(error_dir, first_rank, code)
+    if line:
+        print(line, file=sys.stderr, flush=True)
     shutil.rmtree(error_dir, ignore_errors=True)
     return as_status(code)
 
 
 if __name__ == "__main__":
+    RELAY.listen()  # (before accelerate's imports: a signal in the first second is kept too)
     sys.exit(run(sys.argv[1:]))

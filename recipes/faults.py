@@ -9,6 +9,7 @@ at once (os._exit once the output is flushed), and when a peer is lost, with one
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -128,6 +129,8 @@ def run_main(main: Callable, recipe: str) -> None:
     rather than hang or print a wall of C++."""
     try:
         main()
+        if several_processes():
+            leave(0)  # (gloo's C++ teardown at interpreter exit can abort a finished run, status 134)
         run_before_leaving()
     except SystemExit as ended:  # fail, stop, or a signal's end_run: the line is out
         leave(ended.code if isinstance(ended.code, int) else FAILED_EXIT_CODE)
@@ -156,15 +159,23 @@ def run_main(main: Callable, recipe: str) -> None:
 
 def leave(code: int) -> NoReturn:
     """Exit with `code`: the only place a run's process exits. With several processes, at once (os._exit, once the
-    output is flushed): one whose process group is torn down while a peer closes its connections can abort in gloo's
-    C++ teardown (std::terminate, status 134) and lose the code, even after destroy_process_group and end_training
-    (seen on a preemption before the first step, 1 time in 36)."""
+    output is flushed), finished or not: one whose process group is torn down while a peer closes its connections can
+    abort in torch's C++ teardown at interpreter exit ("terminate called without an active exception", status 134)
+    and lose the code, even after destroy_process_group and end_training (seen after a finished 2-process run, and on
+    a preemption before the first step)."""
     run_before_leaving()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if several_processes():
+        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     raise SystemExit(code)
+
+
+def several_processes() -> bool:
+    """Whether this process is one of several of a run (its launcher says so, or a process group is up)."""
+    dist = torch.distributed
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (dist.is_available() and dist.is_initialized())
 
 
 def peer_said_why(rank: int, wait_s: float = 3.0) -> bool:

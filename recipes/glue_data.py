@@ -139,6 +139,8 @@ def from_table(task: str, ds: datasets.Dataset, where: str) -> datasets.Dataset:
     found = next((cols for cols in fallbacks if cols and all(c in ds.column_names for c in cols)), None)
     if found is None or "label" not in ds.column_names:
         fail(f"{where}: needs columns {list(text)} (or {list(fallbacks[1])}) and 'label', found {ds.column_names}")
+    if len(ds) == 0:  # (a header alone: training would run, then the evaluation would have nothing to score)
+        fail(f"{where} has no examples, only a header: give at least one")
     columns = {name: ds[col] for name, col in zip(text, found, strict=True)}
     columns["label"] = normalize_labels(task, ds["label"], where)
     return datasets.Dataset.from_dict(columns)

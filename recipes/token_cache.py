@@ -16,6 +16,7 @@ offline), or any Hugging Face tokenizer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from accelerate import PartialState
-from faults import BAD_INPUT_EXIT_CODE, FAILED_EXIT_CODE, INTERRUPTED_EXIT_CODE, fail
+from faults import BAD_INPUT_EXIT_CODE, FAILED_EXIT_CODE, INTERRUPTED_EXIT_CODE, before_leaving, fail, run_main
 from heartbeat_lock import HeartbeatLock
 from manifest import check_manifest, manifest_of
 from messages import first_line, logger
@@ -134,7 +135,14 @@ def dataset_batches(args, split: str) -> Iterator[list[str | None]]:
             raise BadCorpus(
                 f"dataset has no column {args.text_column!r}; choose one of {sorted(batch)} with --text_column"
             )
-        yield [item for text in batch[args.text_column] if text for item in (text, None)]
+        texts = [text for text in batch[args.text_column] if text is not None]
+        if any(not isinstance(text, str) for text in texts):
+            kind = next(type(text).__name__ for text in texts if not isinstance(text, str))
+            raise BadCorpus(
+                f"dataset column {args.text_column!r} holds {kind} values, not text: choose a text column with "
+                f"--text_column (it has {sorted(batch)})"
+            )
+        yield [item for text in texts if text for item in (text, None)]
 
 
 def corpus(args) -> tuple[Callable, Callable | None]:
@@ -295,6 +303,7 @@ def prepare_token_cache(args, builds: bool) -> tuple[Path, dict]:
     key, source = token_cache_key(args)
     root = Path(args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "accel-dp", "tokens"))
     entry, started, next_note = root / key, time.time(), time.time() + 30
+    made_root = not root.exists()  # (removed again if bad data leaves it empty)
     try:  # (a built entry may be read from a read-only cache)
         if not (entry / "meta.json").is_file():
             root.mkdir(parents=True, exist_ok=True)
@@ -305,7 +314,7 @@ def prepare_token_cache(args, builds: bool) -> tuple[Path, dict]:
     lock, unbuilt_since = HeartbeatLock(root / f"{key}.lock"), time.time()
     while not (entry / "meta.json").is_file():
         if builds and lock.claim():
-            build_token_cache(args, source, root, key, lock)
+            build_token_cache(args, source, root, key, lock, made_root)
             continue
         failed = root / f"{key}.failed"
         if failed.is_file() and failed.stat().st_mtime >= started:  # the builder has said why; leave as it did
@@ -348,10 +357,13 @@ def checked_entry(entry: Path, digests: bool, digest_limit: float = DIGEST_LIMIT
     return meta
 
 
-def build_token_cache(args, source: dict, root: Path, key: str, lock: HeartbeatLock) -> None:
-    """Tokenize into a staging folder and rename it into place, holding the entry's lock (claimed) throughout."""
-    staging = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
-    (root / f"{key}.failed").unlink(missing_ok=True)
+def build_token_cache(args, source: dict, root: Path, key: str, lock: HeartbeatLock, made_root: bool) -> None:
+    """Tokenize into a staging folder and rename it into place, holding the entry's lock (claimed) throughout. A build
+    that fails leaves nothing behind: its failure marker (<key>.failed, which tells the processes waiting on this
+    machine to leave with the builder's code) lasts until this process leaves, and a cache folder it made is removed
+    again if empty."""
+    staging, marker = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}", root / f"{key}.failed"
+    marker.unlink(missing_ok=True)
     try:
         for abandoned in root.glob(f"{key}.tmp-*"):  # what a builder that is gone left half-written
             shutil.rmtree(abandoned, ignore_errors=True)
@@ -367,13 +379,24 @@ def build_token_cache(args, source: dict, root: Path, key: str, lock: HeartbeatL
         shutil.rmtree(staging, ignore_errors=True)
         code = error.code if isinstance(error, SystemExit) and isinstance(error.code, int) else FAILED_EXIT_CODE
         code = {BadCorpus: BAD_INPUT_EXIT_CODE, KeyboardInterrupt: INTERRUPTED_EXIT_CODE}.get(type(error), code)
-        (root / f"{key}.failed").write_text(str(code))
+        marker.write_text(str(code))
+        before_leaving(lambda: forget_failure(marker, root if made_root else None))
         if isinstance(error, BadCorpus):
             lock.release()
             fail(str(error))
         raise
     finally:
         lock.release()
+
+
+def forget_failure(marker: Path, made_root: Path | None, linger_s: float = 1.0) -> None:
+    """Remove a failed build's marker once the processes waiting for it (they look twice a second) have seen it, and
+    the cache folder the build made if nothing else is in it."""
+    time.sleep(linger_s)
+    marker.unlink(missing_ok=True)
+    if made_root is not None:
+        with contextlib.suppress(OSError):  # (not empty: another build's files)
+            made_root.rmdir()
 
 
 def tokenize_corpus(args, folder: Path) -> dict:
@@ -433,4 +456,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "token-cache")

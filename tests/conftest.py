@@ -207,7 +207,7 @@ def glue_args(output_dir: Path, *extra: str) -> list[str]:
 
 def accel_dp_command(recipe: str, processes: int, args: list[str]) -> list[str]:
     """`accel-dp run RECIPE --cpu --procs N -- ARGS` as a command of its own process, on a free port."""
-    return [sys.executable, "-m", "accel_dp.cli", "run", recipe, "--cpu", "--procs", str(processes),
+    return [sys.executable, "-m", "accel_dp", "run", recipe, "--cpu", "--procs", str(processes),
             "--main-port", str(free_port()), "--", *args]  # fmt: skip
 
 

@@ -170,6 +170,9 @@ CASES = {
     "gpt-dataset-missing-column": lambda t, c: (
         (t / "jsonl").mkdir(), (t / "jsonl" / "train.jsonl").write_text('{"content": "To be, or not to be"}\n' * 50),
         gpt(t, c, "--dataset_name", str(t / "jsonl")))[2],
+    "gpt-dataset-column-not-text": lambda t, c: (  # (a cache of its own: a failed build leaves nothing there)
+        (t / "jsonl").mkdir(), (t / "jsonl" / "train.jsonl").write_text('{"text": 12345}\n' * 50),
+        gpt(t, c, "--dataset_name", str(t / "jsonl"), "--cache_dir", str(t / "cache")))[2],
     "gpt-vocab-size-below-tokenizer": lambda t, c: gpt(t, c, "--vocab_size", "10"),
     "gpt-block-size-beyond-positions": lambda t, c: ("gpt_pretrain", [  # a saved model with 32 positions
         "--model_name_or_path", str(checkpoint_of(t, c).parents[1]), "--block_size", "64",
@@ -222,6 +225,7 @@ CASES = {
     "gpt-dropout-beyond-one": lambda t, c: gpt(t, c, "--dropout", "1.5"),
     "gpt-cache-dir-is-a-file": lambda t, c: (
         (t / "notes.txt").write_text("notes"), gpt(t, c, "--cache_dir", str(t / "notes.txt")))[1],
+    "gpt-cache-dir-read-only": lambda t, c: gpt(t, c, "--cache_dir", "/proc/accel-dp/cache"),
     "gpt-memory-cannot-fit": lambda t, c: gpt(t, c, "--per_device_train_batch_size", "10000000"),
     "kit-checkpointing-steps-not-a-number": lambda t, c: gpt(t, c, "--checkpointing_steps", "often"),
     "kit-fp16-on-cpu": lambda t, c: gpt(t, c, "--mixed_precision", "fp16"),
@@ -237,6 +241,8 @@ CASES = {
         t, "--data_dir", str(mrpc_folder(t, "1\ta\tb\n", header="label\tx\ty\n"))),
     "glue-tsv-row-fields": lambda t, c: glue(t, *tsv_files(t, "A man.\tA guy.\t1\nA dog.\tA\tcat.\t0\n")),
     "glue-empty-label": lambda t, c: glue(t, *tsv_files(t, '"Quoted," he said.\tA guy.\t1\nA dog.\tA cat.\t\n')),
+    "glue-validation-header-only": lambda t, c: (
+        glue(t, *tsv_files(t, "A man.\tA guy.\t1\n")), (t / "dev.tsv").write_text("sentence1\tsentence2\tlabel\n"))[0],
     "glue-label-out-of-range": lambda t, c: glue(t, "--data_dir", str(mrpc_folder(t, "7\t1\t2\tA man.\tA guy.\n"))),
     "glue-checkpointing-steps-not-a-number": lambda t, c: glue(t, "--checkpointing_steps", "often"),
     "glue-learning-rate-not-a-number": lambda t, c: glue(t, "--learning_rate", "nan"),
@@ -249,6 +255,9 @@ CASES = {
         (t / "bad.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPUS\n"),
         cli("run", "gpt-pretrain", "--config", str(t / "bad.yaml")),
     )[1],
+    "cli-config-not-utf8": lambda t, c: (
+        (t / "latin1.yaml").write_bytes("distributed_type: NO\nnum_processes: 1\n# caf\xe9\n".encode("latin-1")),
+        cli("run", "gpt-pretrain", "--config", str(t / "latin1.yaml")))[1],
     "cli-not-a-config": lambda t, c: (
         (t / "notes.yaml").write_text("- just\n- a list\n"),
         cli("run", "gpt-pretrain", "--config", str(t / "notes.yaml")),
@@ -263,6 +272,7 @@ CASES = {
         cli("copy", "gpt-pretrain", str(t / "dest"), "--force"))[-1],
     "cli-copy-under-a-file": lambda t, c: (
         (t / "notes.txt").write_text("notes"), cli("copy", "gpt-pretrain", str(t / "notes.txt" / "project")))[1],
+    "cli-copy-into-read-only": lambda t, c: cli("copy", "gpt-pretrain", "/proc/accel-dp/project"),
     "cli-fp16-on-cpu": lambda t, c: cli("run", "gpt-pretrain", "--cpu", "--mixed-precision", "fp16"),
 }  # fmt: skip
 
@@ -309,8 +319,9 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(case, tmp_path, toke
         result = CliRunner().invoke(app, argv)
         code, stderr = result.exit_code, result.stderr
     else:
-        with pytest.raises(SystemExit) as exit_info:
-            load_recipe(program).main(argv)
+        recipe = load_recipe(program)
+        with pytest.raises(SystemExit) as exit_info:  # as `python recipes/<program>.py` runs it
+            recipe.run_main(lambda: recipe.main(argv), recipe.RECIPE)
         code, stderr = exit_info.value.code, capsys.readouterr().err
     for sock in busy_port.held:
         sock.close()

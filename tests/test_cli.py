@@ -144,7 +144,7 @@ def test_errors_are_one_line_with_exit_code_2(no_gpu, args, message):
 
 def test_console_script_works_from_another_folder(tmp_path: Path):
     result = subprocess.run(
-        [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--dry-run"],
+        [sys.executable, "-m", "accel_dp", "run", "gpt-pretrain", "--cpu", "--dry-run"],
         cwd=tmp_path,
         env=subprocess_env(),
         capture_output=True,
@@ -187,7 +187,7 @@ def test_top_level_help_shows_an_example():
     ],
 )
 def test_show_completion_prints_the_shell_script_of_the_installed_command(shell, expected):
-    command = [shutil.which("accel-dp")] if shutil.which("accel-dp") else [sys.executable, "-m", "accel_dp.cli"]
+    command = [shutil.which("accel-dp")] if shutil.which("accel-dp") else [sys.executable, "-m", "accel_dp"]
     # Typer detects the user's shell from the process tree; with detection off, --show-completion takes the shell's
     # name, so the test asks for bash and zsh whatever runs it.
     env = subprocess_env(_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")

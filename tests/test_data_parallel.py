@@ -175,7 +175,7 @@ def test_gpt_two_nodes_on_loopback_match_two_processes_on_one_node(tmp_path, tok
             [
                 sys.executable,
                 "-m",
-                "accel_dp.cli",
+                "accel_dp",
                 "run",
                 "gpt-pretrain",
                 "--cpu",

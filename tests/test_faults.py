@@ -150,6 +150,25 @@ def test_what_must_happen_before_leaving_happens_however_the_run_ends():
     assert released == ["finished", "stop", "Ctrl-C", "crash"]
 
 
+@pytest.mark.parametrize("world_size, code", [("2", 0), ("2", 75), ("1", 0)])
+def test_one_of_several_processes_leaves_without_interpreter_teardown_once_its_output_is_out(world_size, code):
+    """torch's C++ teardown at interpreter exit can abort a finished multi-process run (status 134, and the launcher
+    then kills the rest): a process of several leaves through os._exit, finished or not, after its lines and its
+    before-leaving work; one process alone exits as Python does."""
+    program = (
+        "import atexit, faults\n"
+        "atexit.register(lambda: print('interpreter teardown', flush=True))\n"
+        "faults.before_leaving(lambda: print('lock released'))\n"
+        "print('final line', end='')\n"
+        f"faults.run_main(lambda: {'None' if code == 0 else f'exit({code})'}, 'gpt-pretrain')\n"
+    )
+    env = subprocess_env(WORLD_SIZE=world_size, PYTHONPATH=str(REPO_ROOT / "recipes"))
+    result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == code, result.stderr
+    assert result.stdout.startswith("final linelock released")
+    assert ("interpreter teardown" in result.stdout) == (world_size == "1")
+
+
 def test_an_error_line_goes_to_accel_dps_folder_when_it_runs_the_processes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(faults.ERROR_DIR_VARIABLE, str(tmp_path))
     monkeypatch.setenv("RANK", "1")
@@ -311,7 +330,7 @@ def under(process: psutil.Process, folder: Path) -> bool:
 def test_ctrl_c_while_preparing_the_token_cache_exits_130_and_leaves_no_lock(tmp_path):
     corpus = tmp_path / "big.txt"
     corpus.write_text(SHAKESPEARE.read_text() * 20)
-    command = [sys.executable, "-m", "accel_dp.cli", "prepare", "gpt-pretrain", "--", "--train_file", str(corpus),
+    command = [sys.executable, "-m", "accel_dp", "prepare", "gpt-pretrain", "--", "--train_file", str(corpus),
                "--tokenizer", "byte", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
     run = subprocess.Popen(command, env=subprocess_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -357,6 +376,51 @@ def test_a_sigterm_to_accel_dp_run_reaches_every_rank_and_it_exits_75_after_the_
     finally:
         kill_process_tree(process.pid)
     assert code == PREEMPTED_EXIT_CODE and saved == ["saved-0", "saved-1"]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("after_s", [0.3, 1.0, 2.5])
+def test_sigterm_in_the_first_seconds_of_accel_dp_run_ends_as_a_preemption(tmp_path, after_s, token_cache):
+    """While accel-dp starts, while accelerate's launcher is imported, while the recipe imports torch: a preemption
+    is kept at every moment (75, one line, nothing written, no process left), never a bare 143."""
+    args = gpt_args(tmp_path / "run", token_cache, "--max_train_steps", "500")
+    process = subprocess.Popen(accel_dp_command("gpt-pretrain", 1, args), env=subprocess_env(), text=True,
+                               stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        time.sleep(after_s)
+        workers = descendants(process.pid)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        kill_process_tree(process.pid)
+    assert process.returncode == 75, stderr[-2000:]
+    assert "preempted (SIGTERM) before training began: nothing to save" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "run").exists()
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_a_run_waiting_for_a_node_that_never_comes_stops_on_sigterm_or_ctrl_c(tmp_path, token_cache, sig, code):
+    """Node 0 of 2, its peer never started: torch's rendezvous would wait for it, deaf to signals. accel-dp stops
+    within seconds, nothing started and nothing written, with the exit status of the signal."""
+    args = gpt_args(tmp_path / "run", token_cache)
+    command = [sys.executable, "-m", "accel_dp", "run", "gpt-pretrain", "--cpu", "--nodes", "2", "--node-rank", "0",
+               "--main-ip", "127.0.0.1", "--main-port", str(free_port()), "--", *args]  # fmt: skip
+    process = subprocess.Popen(command, env=subprocess_env(), text=True, stderr=subprocess.PIPE,
+                               start_new_session=True)  # fmt: skip
+    try:
+        time.sleep(8)  # (the launcher is in its rendezvous by now)
+        assert process.poll() is None
+        started = time.monotonic()
+        os.killpg(process.pid, sig) if sig == signal.SIGINT else process.send_signal(sig)  # (Ctrl-C: the terminal's)
+        _, stderr = process.communicate(timeout=30)
+        stopped_in = time.monotonic() - started
+    finally:
+        kill_process_tree(process.pid)
+    assert process.returncode == code and stopped_in < 10, stderr[-2000:]
+    assert "before training began: nothing to save" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "run").exists()
 
 
 def signal_after_first_checkpoint(recipe: str, procs: int, args: list[str], output_dir: Path, send, via_accel_dp):
@@ -443,7 +507,7 @@ def test_when_a_node_dies_or_hangs_the_other_stops_within_seconds_naming_the_los
     port = free_port()
     nodes = []
     for rank in (0, 1):
-        argv = [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--nodes", "2", "--procs", "1",
+        argv = [sys.executable, "-m", "accel_dp", "run", "gpt-pretrain", "--cpu", "--nodes", "2", "--procs", "1",
                 "--node-rank", str(rank), "--main-ip", "127.0.0.1", "--main-port", str(port), "--",
                 *gpt_resumable_args(tmp_path / f"node{rank}", token_cache, "--max_train_steps", "100000",
                                     "--ddp_timeout", "10")]  # fmt: skip

@@ -284,7 +284,7 @@ def test_two_runs_at_once_keep_evaluates_files_under_hf_home_and_none_in_the_cur
     for folder in folders:
         folder.mkdir()
     commands = [
-        [sys.executable, "-m", "accel_dp.cli", "run", "glue-bert", "--cpu", "--procs", "2", "--main-port",
+        [sys.executable, "-m", "accel_dp", "run", "glue-bert", "--cpu", "--procs", "2", "--main-port",
          str(free_port()), "--", *args, "--output_dir", str(tmp_path / "out_a")],
         [sys.executable, str(RECIPES_DIR / "glue_bert.py"), *args, "--output_dir", str(tmp_path / "out_b")],
     ]  # fmt: skip

@@ -141,7 +141,7 @@ def test_cli_launch_and_torchrun_give_two_identical_replicas_and_the_same_result
     """`accel-dp run --cpu --procs 2` and plain torchrun run the recipe identically: two processes whose replicas end
     with identical parameters, and a loss that falls."""
     args = gpt_args(tmp_path / "cli", token_cache, "--sample_tokens", "0")
-    command = [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--procs", "2", "--main-port",
+    command = [sys.executable, "-m", "accel_dp", "run", "gpt-pretrain", "--cpu", "--procs", "2", "--main-port",
                str(free_port()), "--", *args]  # fmt: skip
     cli = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert cli.returncode == 0, cli.stderr[-3000:]

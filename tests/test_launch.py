@@ -85,6 +85,17 @@ def test_own_config_keeps_its_process_counts_unless_topology_flags_are_given(tmp
     assert flag(build(gpus_available=8, config="single_gpu").argv, "--num_processes") is None
 
 
+def test_the_banner_counts_the_processes_the_config_starts():
+    """multi_gpu.yaml (8 processes) on a machine without a GPU runs 8 CPU processes: the banner and the threads per
+    process say so, as the recipe's first line will; on a GPU machine it needs as many GPUs."""
+    on_cpu = build_launch(RECIPE, RunOptions(config="multi_gpu"), gpus_available=0, python="python", cpu_cores=16)
+    assert "8 CPU processes" in on_cpu.summary and flag(on_cpu.argv, "--num_processes") is None
+    assert flag(on_cpu.argv, "--num_cpu_threads_per_process") == "2"
+    assert "8 GPUs" in build(gpus_available=8, config="multi_gpu").summary
+    with pytest.raises(UsageError, match=r"multi_gpu.yaml \(num_processes 8\) but this machine has 4 GPU\(s\)"):
+        build(gpus_available=4, config="multi_gpu")
+
+
 def test_a_config_path_is_never_swapped_for_a_bundled_config_of_that_name(tmp_path: Path):
     with pytest.raises(UsageError, match="not found"):
         build(gpus_available=8, config=str(tmp_path / "multi_gpu.yaml"))

@@ -27,7 +27,7 @@ def test_installed_wheel_runs_a_recipe_from_another_folder(tmp_path: Path):
 
     # Only the installed copy is importable: PYTHONPATH puts it ahead of the editable checkout.
     env = subprocess_env(PYTHONPATH=str(site))
-    accel_dp = [sys.executable, "-m", "accel_dp.cli"]
+    accel_dp = [sys.executable, "-m", "accel_dp"]
     dry = subprocess.run([*accel_dp, "run", "gpt-pretrain", "--dry-run", "--cpu"], cwd=elsewhere, env=env,
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert dry.returncode == 0, dry.stderr

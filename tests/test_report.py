@@ -264,3 +264,15 @@ def test_runs_with_the_same_folder_name_are_told_apart_by_their_parents(tmp_path
 def test_lines_that_are_not_records_are_counted_and_skipped():
     records, skipped = parse_metrics('{"step": 1, "loss": 2.0}\n\n[1, 2]\n{"step": 2, "lo')
     assert records == [{"step": 1, "loss": 2.0}] and skipped == 2
+
+
+def test_folder_names_with_dollar_signs_are_drawn_as_written_not_as_mathtext(tmp_path):
+    """matplotlib reads `$...$` as TeX: a folder named `run_$\\frac$` failed to draw, and `$x$` would be drawn as
+    an italic x."""
+    names = ["run_$\\frac$", "cost_$5$"]
+    runs = [write_run(tmp_path / name, gpt_like_records(20, 4.0)) for name in names]
+    result = runner.invoke(app, ["report", *map(str, runs), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    _, figure = write_report(runs, tmp_path / "again")
+    legends = {entry for box in figure.panels for entry in box.legend}
+    assert {f"{name}: train loss".replace("$", r"\$") for name in names} <= legends  # escaped: drawn as is

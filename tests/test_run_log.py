@@ -85,7 +85,7 @@ NOISE = ("\x1b", "\r", "[RANK", "Removed shared tensor", "LOAD REPORT", "Loading
 
 def run_to_file(tmp_path, recipe: str, processes: int, args: list[str]) -> str:
     log = tmp_path / "output.log"
-    command = [sys.executable, "-m", "accel_dp.cli", "run", recipe, "--cpu", "--procs", str(processes),
+    command = [sys.executable, "-m", "accel_dp", "run", recipe, "--cpu", "--procs", str(processes),
                "--main-port", str(free_port()), "--", *args]  # fmt: skip
     with open(log, "w") as out:
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env(), timeout=300)

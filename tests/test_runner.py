@@ -70,3 +70,22 @@ def test_only_a_process_a_signal_killed_is_reported_as_killed_and_only_sigkill_b
 def test_accel_dp_passes_on_the_kits_exit_codes():
     assert runner.PREEMPTED_EXIT_CODE == faults.PREEMPTED_EXIT_CODE == 75
     assert runner.ERROR_DIR_VARIABLE == faults.ERROR_DIR_VARIABLE
+
+
+def test_a_signal_decides_the_ending_only_where_it_killed_a_process_or_nothing_had_started():
+    """After a preemption: a process the SIGTERM killed before it could keep it (-15), or a launch that never started
+    a process (nodes that never came), ends as preempted with one line; a recipe's own status stands (it kept the
+    signal: 75 after its checkpoint, or it failed on its own). Without a signal nothing changes."""
+    import signal
+
+    relay = runner.SignalRelay()
+    assert relay.ending(-15) == (-15, None) and relay.ending(1) == (1, None)
+    relay.pending, relay.started_any = signal.SIGTERM, False
+    code, line = relay.ending(-15)
+    assert code == 75 and "preempted (SIGTERM) before training began" in line
+    relay.started_any = True
+    assert relay.ending(-15)[0] == 75 and relay.ending(75) == (75, None) and relay.ending(1) == (1, None)
+    relay.pending = signal.SIGINT
+    code, line = relay.ending(-2)
+    assert code == 130 and "interrupted (Ctrl-C) before training began" in line
+    assert relay.ending(130) == (130, None)

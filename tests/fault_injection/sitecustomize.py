@@ -100,7 +100,7 @@ def deliver() -> None:
     os.environ["ACCEL_DP_FAULT_DONE"] = "1"
     import psutil
 
-    runner = next(p.pid for p in psutil.Process().parents() if "accel_dp.cli" in " ".join(p.cmdline()))
+    runner = next(p.pid for p in psutil.Process().parents() if " -m accel_dp run " in f" {' '.join(p.cmdline())} ")
     if SIGNAL == "SIGINT":
         os.killpg(os.getpgid(runner), signal.SIGINT)
     elif SIGNAL == "SIGTERM":
