@@ -18,12 +18,14 @@ install:
 # PYTEST_ARGS narrows either suite: make test PYTEST_ARGS="-k resume".
 PYTEST_ARGS ?=
 test:
-	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "not faults and not compile" tests $(PYTEST_ARGS)
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "not faults and not compile and not launch_matrix" \
+		tests $(PYTEST_ARGS)
 
-# The fault matrix: Ctrl-C, SIGTERM and SIGKILL at every phase of a run, on 1 and 2 processes (tests/test_faults.py),
-# the other signal and kill tests, and the compiled runs (.ci/run's second step).
+# The fault matrix: Ctrl-C, SIGTERM and SIGKILL at every phase of a run, and a full disk at every write, on 1 and 2
+# processes (tests/test_faults.py), the other signal and kill tests, the compiled runs, and every bad-input row
+# through accel-dp run on 2 processes (.ci/run's second step).
 test-faults:
-	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "faults or compile" tests $(PYTEST_ARGS)
+	$(TEST_ENV) $(PYTHON) -m pytest -q -n 2 --dist loadgroup -m "faults or compile or launch_matrix" tests $(PYTEST_ARGS)
 
 lint:
 	$(PYTHON) -m ruff check accel_dp recipes tests benchmarks

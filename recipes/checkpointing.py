@@ -31,7 +31,7 @@ from typing import NamedTuple, NoReturn
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, load, set_seed
-from faults import fail, stop
+from faults import fail, stop, undone_if_leaving
 from manifest import check_manifest, manifest_of
 from messages import first_line, logger
 from run_folder import no_room
@@ -314,20 +314,23 @@ class Checkpointer:
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)  # the leftover of a save that was killed
         accelerator.wait_for_everyone()
-        try:
-            accelerator.save_state(str(staging))  # every process writes its own RNG state
-        except Exception as error:  # a full disk shows as torch's "unexpected pos ..." as often as ENOSPC
-            self._failed_save(staging, final, error)
-        if self.local_sgd.enabled:  # each replica's optimizer moments (save_state keeps rank 0's only)
-            torch.save(self.optimizer.state_dict(), staging / f"optimizer_rank_{accelerator.process_index}.bin")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        # A process that leaves mid-save (its own failure, or a peer's: the collective after it fails) removes what
+        # is there: a peer may write its files after the failing process removed the folder.
+        with undone_if_leaving(lambda: shutil.rmtree(staging, ignore_errors=True)):
             try:
-                self._publish(staging, final, step, parts, recipe_state, is_final)
-            except OSError as error:  # the manifest or `latest`: the checkpoint is not whole, and is not named
-                (self.folder.root / "latest.partial").unlink(missing_ok=True)
-                self._failed_save(staging, final, error)  # (renamed into place already, it is whole: kept)
-        accelerator.wait_for_everyone()
+                accelerator.save_state(str(staging))  # every process writes its own RNG state
+            except Exception as error:  # a full disk shows as torch's "unexpected pos ..." as often as ENOSPC
+                self._failed_save(staging, final, error)
+            if self.local_sgd.enabled:  # each replica's optimizer moments (save_state keeps rank 0's only)
+                torch.save(self.optimizer.state_dict(), staging / f"optimizer_rank_{accelerator.process_index}.bin")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                try:
+                    self._publish(staging, final, step, parts, recipe_state, is_final)
+                except OSError as error:  # the manifest or `latest`: the checkpoint is not whole, and is not named
+                    (self.folder.root / "latest.partial").unlink(missing_ok=True)
+                    self._failed_save(staging, final, error)  # (renamed into place already, it is whole: kept)
+            accelerator.wait_for_everyone()
         logger.info(f"{self.recipe}: checkpoint {final}")
 
     def _publish(self, staging: Path, final: Path, step: int, parts: dict, recipe_state: dict, is_final: bool) -> None:

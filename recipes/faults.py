@@ -9,6 +9,7 @@ at once (os._exit once the output is flushed), and when a peer is lost, with one
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -39,6 +40,15 @@ _before_leaving: list[Callable[[], None]] = []
 def before_leaving(callback: Callable[[], None]) -> None:
     """Have `callback` run when the process leaves, however the run ended (the run folder's lock is released so)."""
     _before_leaving.append(callback)
+
+
+@contextlib.contextmanager
+def undone_if_leaving(undo: Callable[[], None]):
+    """Run `undo` if the process leaves from inside the block (a failed write, a lost peer), and not once the block
+    has finished."""
+    _before_leaving.append(undo)
+    yield
+    _before_leaving.remove(undo)
 
 
 def report_error(message: str) -> None:

@@ -296,7 +296,8 @@ def check_one_line_exit_2_and_nothing_written(case: str, code, stderr: str, tmp_
 RECIPE_CASES = sorted(case for case in CASES if not case.startswith("cli-"))
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+# On 2 processes: with the fault step (`make test-faults`), which .ci/run runs after `make test`.
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.launch_matrix)])
 @pytest.mark.parametrize("case", RECIPE_CASES)
 def test_bad_input_through_accel_dp_run_gives_the_same_one_line_and_exit_2(case, processes, tmp_path, token_cache,
                                                                            capfd):  # fmt: skip
