@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import typer
@@ -12,7 +13,15 @@ from rich.table import Table
 from . import __version__
 from .configs import describe_config, list_configs
 from .errors import UsageError
-from .launch import RunOptions, build_launch, detect_cpu_cores, detect_gpus, settle_main_port
+from .launch import (
+    RunOptions,
+    build_launch,
+    detect_cpu_cores,
+    detect_gpus,
+    has_flag,
+    settle_main_port,
+    with_output_dir,
+)
 from .recipes import get_recipe, list_recipes
 
 app = typer.Typer(
@@ -33,6 +42,11 @@ def fail(message: str) -> None:
 def check_mixed_precision(mixed_precision: str | None) -> None:
     if mixed_precision is not None and mixed_precision not in ("no", "bf16", "fp16", "fp8"):
         fail(f"--mixed-precision {mixed_precision!r} is not one of no, bf16, fp16, fp8")
+
+
+def default_output_dir(recipe: str) -> Path:
+    """A run's fixed folder when accel-dp names it (a restarted or requeued run resumes there): absolute, dated."""
+    return Path.cwd() / "runs" / f"{recipe}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def complete_recipe(incomplete: str) -> list[str]:
@@ -145,6 +159,9 @@ def run_command(
     ),
     mixed_precision: str | None = typer.Option(None, "--mixed-precision", help="no, bf16, fp16 (GPU only) or fp8."),
     grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation steps."),
+    max_restarts: int = typer.Option(
+        0, "--max-restarts", help="Restart every process from the latest checkpoint when one fails, this often at most."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command and environment; run nothing."),
 ) -> None:
     """Launch a recipe. Arguments after `--` go to the recipe.
@@ -155,21 +172,28 @@ def run_command(
       accel-dp run glue-bert --cpu --procs 2 -- --task sst2
     """
     check_mixed_precision(mixed_precision)
-    options = RunOptions(
-        gpus=gpus,
-        cpu=cpu,
-        procs=procs,
-        nodes=nodes,
-        node_rank=node_rank,
-        main_ip=main_ip,
-        main_port=main_port,
-        config=config,
-        mixed_precision=mixed_precision,
-        grad_accum=grad_accum,
-        recipe_args=tuple(ctx.args),
-    )
     try:
-        recipe_path = get_recipe(recipe).path
+        found = get_recipe(recipe)
+        recipe_path, recipe_args, restart_dir = found.path, tuple(ctx.args), None
+        if max_restarts and not has_flag(
+            recipe_args, "--output_dir"
+        ):  # a restart resumes where the first attempt wrote
+            restart_dir = str(default_output_dir(found.name))
+            recipe_args = with_output_dir(recipe_args, restart_dir)
+        options = RunOptions(
+            gpus=gpus,
+            cpu=cpu,
+            procs=procs,
+            nodes=nodes,
+            node_rank=node_rank,
+            main_ip=main_ip,
+            main_port=main_port,
+            config=config,
+            mixed_precision=mixed_precision,
+            grad_accum=grad_accum,
+            max_restarts=max_restarts,
+            recipe_args=recipe_args,
+        )
         # Without --gpus and --cpu, look at the machine; with --dry-run, assume it has what was asked for.
         needs_machine = not cpu and not (dry_run and gpus is not None)
         gpus_available = detect_gpus() if needs_machine else (gpus or 0)
@@ -186,6 +210,8 @@ def run_command(
         if gpus is None and not cpu and gpus_available == 0
         else ""
     )
+    if max_restarts:
+        hint += f"; up to {max_restarts} restart(s)" + (f", in {restart_dir}" if restart_dir else "")
     err_console.print(f"accel-dp: running {launch.summary}{hint}", highlight=False, soft_wrap=True)
     from .runner import run  # accelerate's launcher in this process: the recipe's exit status and error line
 
@@ -336,6 +362,9 @@ def slurm_command(
     signal_seconds: int = typer.Option(
         120, "--signal-seconds", help="Seconds before the time limit at which the job checkpoints and requeues."
     ),
+    max_restarts: int = typer.Option(
+        0, "--max-restarts", help="Restart every process from the latest checkpoint when one fails, this often at most."
+    ),
 ) -> None:
     """Print an sbatch script that runs a recipe on Slurm nodes.
 
@@ -344,15 +373,13 @@ def slurm_command(
 
     Example: accel-dp slurm gpt-pretrain --nodes 2 --gpus 8 --time 04:00:00 -- --model_size gpt2 > job.sh
     """
-    import time
-
     from .slurm import SlurmJob, build_sbatch_script, parse_nodes
 
     check_mixed_precision(mixed_precision)
     try:
         found = get_recipe(recipe)
         can_resume = found.accepts_flag("--resume_from_checkpoint")
-        default_output = Path.cwd() / "runs" / f"{found.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        default_output = default_output_dir(found.name)
         min_nodes, max_nodes = parse_nodes(nodes)
         job = SlurmJob(
             nodes=min_nodes,
@@ -370,7 +397,11 @@ def slurm_command(
             cpus_per_task=cpus_per_task,
         )
         run = RunOptions(
-            config=config, mixed_precision=mixed_precision, grad_accum=grad_accum, recipe_args=tuple(ctx.args)
+            config=config,
+            mixed_precision=mixed_precision,
+            grad_accum=grad_accum,
+            max_restarts=max_restarts,
+            recipe_args=tuple(ctx.args),
         )
         script = build_sbatch_script(
             found.path, found.name, job, run, can_resume=can_resume, generated_by=f"accel-dp {__version__} slurm"

@@ -32,6 +32,7 @@ class RunOptions:
     config: str | None = None
     mixed_precision: str | None = None
     grad_accum: int | None = None
+    max_restarts: int = 0  # torch's elastic agent restarts every process of the run this many times at most
     recipe_args: tuple[str, ...] = ()
 
 
@@ -109,6 +110,19 @@ def build_launch(
             )
         device_words = f"{per_node} GPU{'s' if per_node > 1 else ''}"
     total = per_node * options.nodes
+    if options.max_restarts < 0:
+        raise UsageError(f"--max-restarts must be 0 or more, got {options.max_restarts}")
+    if options.max_restarts and options.nodes > 1:
+        raise UsageError(
+            "--max-restarts runs on one node for now: across nodes accelerate uses torch's static rendezvous, whose "
+            "restarted processes wait for their peers' old addresses (pytorch/pytorch#167288); requeue instead "
+            "(accel-dp slurm)"
+        )
+    if options.max_restarts and total < 2:
+        raise UsageError(
+            "--max-restarts needs torch's elastic agent, which accelerate starts for 2 or more processes (--cpu "
+            "--procs 2, --gpus 2, or several nodes); one process can be run again with --resume_from_checkpoint latest"
+        )
     if config is not None:
         distributed_type = str(loaded["distributed_type"]).upper()
         if distributed_type == "NO" and topology_given and total > 1:
@@ -137,6 +151,8 @@ def build_launch(
         argv += ["--main_process_port", str(options.main_port if options.main_port is not None else 29500)]
     if options.mixed_precision is not None:
         argv += ["--mixed_precision", options.mixed_precision]
+    if options.max_restarts:
+        argv += ["--max_restarts", str(options.max_restarts)]
     if on_cpu and cpu_cores is not None:  # accelerate's own rule (cores / local processes), said out loud
         argv += ["--num_cpu_threads_per_process", str(max(1, cpu_cores // per_node))]
     argv.append(str(recipe_path))
@@ -158,6 +174,16 @@ def config_processes_per_node(loaded: dict) -> int | None:
         return max(1, int(loaded["num_processes"]) // max(1, int(loaded.get("num_machines") or 1)))
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def has_flag(args: tuple[str, ...] | list[str], flag: str) -> bool:
+    return any(arg == flag or arg.startswith(flag + "=") for arg in args)
+
+
+def with_output_dir(recipe_args: tuple[str, ...], output_dir: str) -> tuple[str, ...]:
+    """The recipe's arguments with `--output_dir output_dir` unless they name one: a restarted or requeued run must
+    find its checkpoints in the folder the first attempt used."""
+    return recipe_args if has_flag(recipe_args, "--output_dir") else (*recipe_args, "--output_dir", output_dir)
 
 
 DEFAULT_MAIN_PORT = 29500  # torchrun's and accelerate's default

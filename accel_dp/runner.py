@@ -111,7 +111,12 @@ class SignalRelay:
     others itself); a process started after the signal gets it when it appears. A second Ctrl-C is passed on again
     (the recipes then stop at once). A process the signal killed before it could keep it (still importing) had not
     begun training: nothing is lost, and the run ends as preempted (75) or interrupted (130). Before anything is
-    launched, or while the launcher still waits for other nodes that never come, the run ends at once."""
+    launched, or while the launcher still waits for other nodes that never come, the run ends at once.
+
+    Under restarts (`restarts_in`: accel-dp's folder for the run's lines), the signal is recorded there as the run's
+    ending (ended-runner), and passed on only to the processes that keep signals (each says so there, listening-PID):
+    one still importing would die of it and be restarted; it, and any process that starts later, finds the record
+    and ends alike."""
 
     GIVE_UP_WAITING_S = 3.0  # a signal with no process started this long after it: the launcher is waiting for nodes
 
@@ -121,6 +126,7 @@ class SignalRelay:
         self.told: set[int] = set()
         self.started_any = False
         self.previous: dict = {}
+        self.restarts_in: Path | None = None
 
     def listen(self) -> None:
         if self.previous:
@@ -134,7 +140,7 @@ class SignalRelay:
         """The handlers from before `listen` back, and nothing pending (a caller may run again in this process)."""
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        self.previous, self.pending, self.told, self.started_any = {}, None, set(), False
+        self.previous, self.pending, self.told, self.started_any, self.restarts_in = {}, None, set(), False, None
 
     def preempt(self, signum, frame) -> None:
         self.receive(signal.SIGTERM)
@@ -147,16 +153,23 @@ class SignalRelay:
     def receive(self, sig: signal.Signals) -> None:
         if self.pending is None or sig == signal.SIGINT:
             self.pending, self.received_at = sig, time.monotonic()
+        if self.restarts_in is not None:
+            code = INTERRUPTED_EXIT_CODE if self.pending == signal.SIGINT else PREEMPTED_EXIT_CODE
+            (self.restarts_in / "ended-runner").write_text(str(code))
         self.pass_on()
 
-    def pass_on(self) -> None:
-        """Send the pending signal to each process that has not had it (a no-op with none pending)."""
+    def pass_on(self, to_newcomers: bool = True) -> None:
+        """Send the pending signal to each process that has not had it (a no-op with none pending, or for processes
+        started since the signal when not `to_newcomers`)."""
         import psutil
 
         children = psutil.Process().children(recursive=self.pending == signal.SIGINT)
         self.started_any = self.started_any or bool(children)
-        if self.pending is None:
+        if self.pending is None or not to_newcomers:
             return
+        if self.restarts_in is not None:  # only those that keep signals (the others, still importing, find the record)
+            listening = {int(p.name.removeprefix("listening-")) for p in self.restarts_in.glob("listening-*")}
+            children = [child for child in children if child.pid in listening]
         own_group = os.getpgid(0)
         for child in children:
             if child.pid in self.told:
@@ -181,12 +194,12 @@ class SignalRelay:
         keep it, or a run stopped before any process started."""
         if self.pending is None or (code != -self.pending and self.started_any):
             return code, None
-        if self.pending == signal.SIGINT:
-            return INTERRUPTED_EXIT_CODE, "accel-dp: interrupted (Ctrl-C) before training began: nothing to save"
-        name = "SIGTERM" if self.pending == signal.SIGTERM else self.pending.name
-        return (
-            PREEMPTED_EXIT_CODE,
-            f"accel-dp: preempted ({name}) before training began: nothing to save; run the same command again",
+        how, code = ("interrupted (Ctrl-C)", INTERRUPTED_EXIT_CODE)
+        if self.pending == signal.SIGTERM:
+            how, code = ("preempted (SIGTERM)", PREEMPTED_EXIT_CODE)
+        return code, (
+            f"accel-dp: {how} before training began: nothing to save since the last checkpoint, if any; run the same "
+            "command again (with --resume_from_checkpoint latest to continue from a checkpoint)"
         )
 
 
@@ -210,9 +223,16 @@ def launch_and_wait(launch_args: list[str], env: dict[str, str] | None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(launch_args)
+    if args.max_restarts and args.num_machines in (None, 1):
+        # torchrun's standalone rendezvous (c10d, a fresh endpoint and id), and a store of their own for the processes
+        # of each attempt: the static rendezvous accelerate picks keeps one store for every attempt, and the
+        # restarted processes read their peers' old addresses from it and wait for them (pytorch/pytorch#167288).
+        args.standalone = True
+    own_store = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if args.max_restarts else {}
     error_dir = Path(tempfile.mkdtemp(prefix="accel-dp-errors-"))
+    RELAY.restarts_in = error_dir if args.max_restarts else None
     environment = dict(os.environ)  # given back at the end: a caller in the same process keeps its own
-    os.environ.update({**(env or {}), ERROR_DIR_VARIABLE: str(error_dir)})
+    os.environ.update({**own_store, **(env or {}), ERROR_DIR_VARIABLE: str(error_dir)})
     quiet_launcher_logs()
     outcome: dict[str, BaseException] = {}
 
@@ -229,7 +249,7 @@ def launch_and_wait(launch_args: list[str], env: dict[str, str] | None) -> int:
         launcher.start()
         while launcher.is_alive() and not RELAY.gave_up_waiting():
             launcher.join(0.5)  # returns now and then, so that signals are handled here at once
-            RELAY.pass_on()  # (a process started since the signal)
+            RELAY.pass_on(to_newcomers=not args.max_restarts)  # (a process started since the signal)
     finally:
         os.environ.clear()
         os.environ.update(environment)
@@ -241,11 +261,34 @@ def launch_and_wait(launch_args: list[str], env: dict[str, str] | None) -> int:
         traceback.print_exception(error)
         code, first_rank = 1, None
     code, line = RELAY.ending(code)
+    if (ended := ended_on_purpose(error_dir)) is not None:  # under restarts: the recipes exited 0 and said so here
+        code, first_rank = ended
+        said_why = any(error_dir.glob("rank-*"))
+        line = RELAY.ending(-RELAY.pending)[1] if RELAY.pending and not said_why else None
     report_errors(error_dir, first_rank, code)
-    if line:
-        print(line, file=sys.stderr, flush=True)
+    for said in (line, gave_up(error_dir, args.max_restarts, code, ended is not None)):
+        if said:
+            print(said, file=sys.stderr, flush=True)
     shutil.rmtree(error_dir, ignore_errors=True)
     return as_status(code)
+
+
+def ended_on_purpose(error_dir: Path) -> tuple[int, int | None] | None:
+    """(code, rank) of an ending no restart mends, as a process recorded it (ended-RANK) or this runner after a
+    signal (ended-runner): the lowest rank's."""
+    found = sorted(error_dir.glob("ended-*"), key=lambda p: (not p.name[6:].isdigit(), p.name[6:].zfill(9)))
+    if not found:
+        return None
+    rank = found[0].name[6:]
+    return int(found[0].read_text() or 1), int(rank) if rank.isdigit() else None
+
+
+def gave_up(error_dir: Path, max_restarts: int, code: int, on_purpose: bool) -> str | None:
+    """After a failure that restarts could mend but did not: how many restarts the run used."""
+    if not max_restarts or code == 0 or on_purpose:
+        return None
+    used = len(list(error_dir.glob("attempt-*")))
+    return f"accel-dp: the run failed after {used} restart(s) of the {max_restarts} allowed (--max-restarts)"
 
 
 if __name__ == "__main__":

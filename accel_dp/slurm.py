@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .launch import Launch, RunOptions, build_launch
+from .launch import Launch, RunOptions, build_launch, has_flag, with_output_dir
 
 # Launcher flags whose value differs per node or per job: the script gives them as shell variables. The number of
 # machines is the allocation's, read when the job runs: a requeued job may get fewer nodes (--nodes MIN-MAX).
@@ -52,10 +52,6 @@ class SbatchScript:
     launch: Launch  # build_launch's answer for node 0, before the per-node substitutions
 
 
-def has_flag(args: tuple[str, ...] | list[str], flag: str) -> bool:
-    return any(arg == flag or arg.startswith(flag + "=") for arg in args)
-
-
 def recipe_arguments(
     recipe_args: tuple[str, ...], output_dir: str | None, can_resume: bool
 ) -> tuple[tuple[str, ...], bool]:
@@ -63,16 +59,12 @@ def recipe_arguments(
     where the recipe can resume; and whether a requeued job resumes."""
     if not can_resume:
         return recipe_args, False
-    extra: list[str] = []
-    if not has_flag(recipe_args, "--output_dir"):
-        if output_dir is None:
-            raise UsageError(
-                "a requeued job needs a fixed --output_dir: pass --output-dir or the recipe's --output_dir"
-            )
-        extra += ["--output_dir", output_dir]
-    if not has_flag(recipe_args, "--resume_from_checkpoint"):
-        extra += ["--resume_from_checkpoint", "latest"]
-    return (*recipe_args, *extra), True
+    if output_dir is None and not has_flag(recipe_args, "--output_dir"):
+        raise UsageError("a requeued job needs a fixed --output_dir: pass --output-dir or the recipe's --output_dir")
+    args = with_output_dir(recipe_args, output_dir) if output_dir else recipe_args
+    if not has_flag(args, "--resume_from_checkpoint"):
+        args = (*args, "--resume_from_checkpoint", "latest")
+    return args, True
 
 
 def parse_nodes(text: str) -> tuple[int, int | None]:
@@ -134,6 +126,7 @@ def build_sbatch_script(
         config=run.config,
         mixed_precision=run.mixed_precision,
         grad_accum=run.grad_accum,
+        max_restarts=run.max_restarts,
         recipe_args=args,
     )
     launch = build_launch(recipe_path, options, gpus_available=job.gpus_per_node or 0, python=python)

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -54,9 +54,8 @@ def undone_if_leaving(undo: Callable[[], None]):
 def report_error(message: str) -> None:
     """One line that says what is wrong and what to do. Under `accel-dp run` it goes to a file of this process's, and
     accel-dp prints each distinct line once for all processes."""
-    error_dir = os.environ.get(ERROR_DIR_VARIABLE)
-    if error_dir and os.path.isdir(error_dir):
-        Path(error_dir, f"rank-{os.environ.get('RANK', '0')}").write_text(f"error: {message}\n")
+    if folder := error_folder():
+        Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(f"error: {message}\n")
     else:
         tqdm.write(f"error: {message}", file=sys.stderr)  # on its own line, under any progress bar
 
@@ -86,6 +85,13 @@ class StopSignals:
         self.deferring_ctrl_c = False
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        if folder := error_folder():  # under restarts, accel-dp signals only the processes that keep signals
+            Path(folder, f"listening-{os.getpid()}").touch()
+            said = Path(folder, "ended-runner")  # (or records the signal: for a process that came too late for it)
+            if said.is_file():
+                self._on_signal(
+                    signal.SIGINT if said.read_text() == str(INTERRUPTED_EXIT_CODE) else signal.SIGTERM, None
+                )
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT and (not self.deferring_ctrl_c or self.received == "SIGINT"):
@@ -133,10 +139,63 @@ def run_before_leaving() -> None:
             logger.warning(f"while leaving: {type(error).__name__}: {first_line(error)}")
 
 
+class Attempt(NamedTuple):
+    """Which attempt at the run this process belongs to, under torch's elastic agent (`torchrun --max-restarts N`,
+    `accel-dp run --max-restarts N`), which restarts every process of a run when one fails: 0 for the first."""
+
+    number: int
+    max_restarts: int
+
+    @classmethod
+    def now(cls) -> Attempt:
+        return cls(
+            int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+        )
+
+    @property
+    def may_restart(self) -> bool:
+        """Whether the agent restarts the run if this attempt fails."""
+        return self.number < self.max_restarts
+
+    def previous_ending(self) -> str:
+        """Why the attempt before this one ended: its first error line (under accel-dp run), else what is known."""
+        folder = error_folder()
+        lines = sorted(folder.glob(f"attempt-{self.number - 1}/rank-*")) if folder else []
+        said = [line.removeprefix("error: ") for p in lines for line in p.read_text().splitlines() if line.strip()]
+        # (the line's advice, to resume by hand, is for a run that is not restarted)
+        return said[0].split("; ")[0] if said else "a process ended without a word (killed: SIGKILL, out of memory)"
+
+    def set_aside_previous_lines(self) -> None:
+        """The attempt before's error lines into attempt-N/ (once per machine): accel-dp prints the last attempt's."""
+        folder = error_folder()
+        if folder and self.number and os.environ.get("LOCAL_RANK", "0") == "0":
+            aside = folder / f"attempt-{self.number - 1}"
+            aside.mkdir(exist_ok=True)
+            for said in folder.glob("rank-*"):
+                said.rename(aside / said.name)
+
+
+def error_folder() -> Path | None:
+    folder = os.environ.get(ERROR_DIR_VARIABLE)
+    return Path(folder) if folder and os.path.isdir(folder) else None
+
+
+def ended_on_purpose() -> int | None:
+    """The exit code of an ending no restart mends (bad input, a signal, a NaN), as a process of this run or accel-dp
+    recorded it (ended-*), if any has."""
+    folder = error_folder()
+    codes = [int(p.read_text() or FAILED_EXIT_CODE) for p in sorted(folder.glob("ended-*"))] if folder else []
+    return codes[0] if codes else None
+
+
 def run_main(main: Callable, recipe: str) -> None:
     """Run a recipe's main() and leave the way the run ended. When a process dies (a killed node, out of memory), every
     collective of the others fails, or times out after --ddp_timeout: name the lost rank in one line and exit at once,
-    rather than hang or print a wall of C++."""
+    rather than hang or print a wall of C++. Under restarts, an attempt after one that ended on purpose ends alike."""
+    attempt = Attempt.now()
+    attempt.set_aside_previous_lines()
+    if (code := ended_on_purpose()) is not None:
+        leave(code)
     try:
         main()
         if several_processes():
@@ -164,16 +223,23 @@ def run_main(main: Callable, recipe: str) -> None:
                 f"rank {rank}: lost contact with {lost_ranks(recipe, rank, dist.get_world_size())} "
                 f"({reason.lower()}); stopping. Resume with --resume_from_checkpoint latest once all nodes are back"
             )
-        leave(FAILED_EXIT_CODE)  # without teardown: destroying a process group with a dead peer can hang
+        leave(FAILED_EXIT_CODE, mendable=True)  # without teardown: destroying a group with a dead peer can hang
 
 
-def leave(code: int) -> NoReturn:
+def leave(code: int, mendable: bool = False) -> NoReturn:
     """Exit with `code`: the only place a run's process exits. With several processes, at once (os._exit, once the
     output is flushed), finished or not: one whose process group is torn down while a peer closes its connections can
     abort in torch's C++ teardown at interpreter exit ("terminate called without an active exception", status 134)
     and lose the code, even after destroy_process_group and end_training (seen after a finished 2-process run, and on
-    a preemption before the first step)."""
+    a preemption before the first step).
+
+    Under torch's elastic agent with restarts left, an ending a restart cannot mend (not `mendable`: bad input, a
+    signal, a NaN, a full disk) is recorded in accel-dp's folder (ended-RANK) and the process exits 0, or the agent
+    would restart it; accel-dp then exits with the code. A lost peer or a crash exits as it is, and is restarted."""
     run_before_leaving()
+    if code and not mendable and Attempt.now().may_restart and (folder := error_folder()):
+        Path(folder, f"ended-{os.environ.get('RANK', '0')}").write_text(str(code))
+        code = 0
     if several_processes():
         logging.shutdown()
         sys.stdout.flush()

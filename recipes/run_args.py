@@ -10,7 +10,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-from faults import fail
+from faults import Attempt, fail
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +100,11 @@ def check_run_arguments(args: argparse.Namespace, recipe: str, has_epochs: bool)
     for name, ok, what in RECIPE_NUMBERS:
         if hasattr(args, name):
             check_number(args, name, ok, what)
+    if Attempt.now().max_restarts and not args.output_dir:
+        fail(
+            "restarts (--max-restarts) need a fixed --output_dir, where a restarted run finds its checkpoints: pass "
+            "--output_dir (accel-dp run --max-restarts gives one)"
+        )
     if args.nonfinite_skip_limit < 0:
         fail(f"--nonfinite_skip_limit must be >= 0, got {args.nonfinite_skip_limit}")
     if args.ddp_comm_hook != "powersgd" and (args.powersgd_rank is not None or args.powersgd_start_iter is not None):

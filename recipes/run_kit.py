@@ -40,7 +40,7 @@ from accelerator_setup import (
     trackers_for,
 )
 from checkpointing import Checkpointer, CheckpointFolder, Layout, Resume, fit_of
-from faults import StopSignals
+from faults import Attempt, StopSignals
 from messages import show_messages
 from metering import Meter
 from run_folder import (
@@ -75,8 +75,12 @@ class Run:
         self.recipe, self.args, self.unit = recipe, args, unit
         world_size = launched_world_size(recipe)
         on_cpu = runs_on_cpu(args.cpu, world_size)
+        self.attempt = Attempt.now()
+        # A restart continues from the newest checkpoint by itself (a fresh start when there is none yet).
+        resume_from = args.resume_from_checkpoint or ("latest" if self.attempt.number else None)
+        settings = {**vars(args), "resume_from_checkpoint": resume_from}
         previous = CheckpointFolder(Path(args.output_dir) / "checkpoints") if args.output_dir else None
-        self.resume = Resume.find(checkpoint_to_resume(vars(args)), previous, recipe)
+        self.resume = Resume.find(checkpoint_to_resume(settings), previous, recipe)
         check_precision(args.mixed_precision, on_cpu)
         self.accelerator = start_accelerator(
             recipe,
@@ -91,14 +95,14 @@ class Run:
         )
         check_parallel_mode(self.accelerator, args.ddp_comm_hook, args.local_sgd_steps)
         show_messages(self.accelerator)
-        may_hold_files = args.overwrite_output_dir or bool(args.resume_from_checkpoint)
+        may_hold_files = args.overwrite_output_dir or bool(resume_from)
         self.output_dir = output_folder(args.output_dir, default_name or recipe, may_hold_files)
         accelerator = self.accelerator
         self.layout = Layout(
             args.per_device_train_batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps
         )
         if self.resume:
-            if args.resume_from_checkpoint == "latest":
+            if resume_from == "latest":
                 self.resume.check_same_run(folder_run(self.output_dir), self.output_dir)
             self.resume.check(self.accelerator, self.layout, recipe)
         self.run_id = self.resume.run if self.resume else new_run_id()
@@ -147,6 +151,8 @@ class Run:
         self.folder_lock = hold_folder(accelerator, self.output_dir, self.run_id, self.recipe, command, fresh)
         resumed_step = self.resume.step if self.resume else None
         self.log = RunLog(accelerator, self.output_dir, resumed_step, args.tracker_project, vars(args))
+        if self.attempt.number:
+            log_restart(self.log, self.attempt, self.recipe, self.first_step, resumed=self.resume is not None)
         self.meter = Meter(accelerator, self.unit, self.start_time)
         self.local_sgd = LocalSGD(accelerator, model, args.local_sgd_steps)
         folder = CheckpointFolder(self.output_dir / "checkpoints")
@@ -264,3 +270,13 @@ def accumulation_for(args: argparse.Namespace, world_size: int, resume: Resume |
     if resume and not pinned:
         return resume.accumulation_keeping_global_batch(batch, world_size) or accumulation
     return accumulation
+
+
+def log_restart(log: RunLog, attempt: Attempt, recipe: str, step: int, resumed: bool) -> None:
+    """A restart by torch's elastic agent: a line, and a record in metrics.jsonl, of when, why, where it resumed and
+    how many logged steps it trains again (none known when no checkpoint was written yet: it starts afresh)."""
+    replayed, why = max(0, log.last_forgotten_step - step) if resumed else None, attempt.previous_ending()
+    record = {"step": step, "event": "restart", "restart": attempt.number, "max_restarts": attempt.max_restarts,
+              "resumed_step": step, "replayed_steps": replayed, "reason": why, "time": time.time()}  # fmt: skip
+    where = f"resuming at step {step} ({replayed} logged step(s) trained again)" if resumed else "starting afresh"
+    log.event(record, f"{recipe}: restart {attempt.number} of {attempt.max_restarts} after {why}: {where}")

@@ -26,6 +26,7 @@ class RunLog:
         config: dict,
     ):
         self.accelerator, self.path = accelerator, output_dir / "metrics.jsonl"
+        self.last_forgotten_step = 0  # the last step logged after the checkpoint resumed from (main process)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -34,6 +35,7 @@ class RunLog:
             elif self.path.is_file():
                 records = read_records(self.path)
                 write_whole(self.path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= resumed_step))
+                self.last_forgotten_step = max((r["step"] for r in records), default=0)
         if accelerator.log_with:
             accelerator.project_configuration.set_directories(str(output_dir))  # tensorboard logs go under it
             plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
@@ -54,6 +56,12 @@ class RunLog:
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if message:
             logger.info(message)
+
+    def event(self, record: dict, message: str) -> None:
+        """Something that happened to the run (a restart), not a measurement: metrics.jsonl and the log only."""
+        if self.accelerator.is_main_process:
+            append_line(self.path, json.dumps(record) + "\n")
+        logger.info(message)
 
 
 def read_records(path: Path) -> list[dict]:

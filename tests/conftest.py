@@ -205,10 +205,10 @@ def glue_args(output_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def accel_dp_command(recipe: str, processes: int, args: list[str]) -> list[str]:
-    """`accel-dp run RECIPE --cpu --procs N -- ARGS` as a command of its own process, on a free port."""
+def accel_dp_command(recipe: str, processes: int, args: list[str], options: tuple[str, ...] = ()) -> list[str]:
+    """`accel-dp run RECIPE --cpu --procs N [OPTIONS] -- ARGS` as a command of its own process, on a free port."""
     return [sys.executable, "-m", "accel_dp", "run", recipe, "--cpu", "--procs", str(processes),
-            "--main-port", str(free_port()), "--", *args]  # fmt: skip
+            "--main-port", str(free_port()), *options, "--", *args]  # fmt: skip
 
 
 def accel_dp_run(recipe: str, processes: int, args: list[str]) -> int:
@@ -341,3 +341,37 @@ def tiny_bert() -> str:
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# The fault matrix's run (tests/test_faults.py, tests/test_restarts.py): faults delivered by tests/fault_injection.
+
+
+def fault_matrix_args(output_dir: Path, cache: Path) -> list[str]:
+    """12 steps with dropout on (resuming must restore every rank's random state), a log every 2 steps, a
+    checkpoint every 4, an evaluation at 6 and 12."""
+    return gpt_args(output_dir, cache, "--max_train_steps", "12", "--log_every", "2", "--checkpointing_steps", "4",
+                    "--eval_every", "6", "--eval_iters", "2", "--dropout", "0.1", "--sample_tokens", "0",
+                    "--global_batch_size", "8")  # fmt: skip
+
+
+def start_with_fault(processes: int, run_args: list[str], options: tuple[str, ...] = (), **fault: str):
+    """`accel-dp run gpt-pretrain [OPTIONS]` on `processes` CPU processes, with tests/fault_injection on the path (it
+    delivers the fault the ACCEL_DP_FAULT_* variables name, if any). Returns the subprocess.Popen."""
+    pythonpath = os.pathsep.join([str(REPO_ROOT / "tests" / "fault_injection"), str(REPO_ROOT)])
+    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, **fault)
+    command = accel_dp_command("gpt-pretrain", processes, run_args, options)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def matrix_reference(tmp_path_factory, token_cache) -> dict:
+    """The final parameters of the run never interrupted, on 1 and on 2 processes."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    finals = {}
+    for processes in (1, 2):
+        run = start_with_fault(processes, fault_matrix_args(folder / str(processes), token_cache))
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr[-3000:]
+        finals[processes] = saved_parameters(folder / str(processes))
+    return finals

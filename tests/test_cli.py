@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -115,6 +116,16 @@ def test_dry_run_prints_the_command_and_passes_recipe_args_after_double_dash(no_
     assert line.startswith("ACCELERATE_USE_CPU=1 ")
     assert "--num_processes 2" in line
     assert line.endswith("gpt_pretrain.py --max_train_steps 7")
+
+
+def test_restarts_get_a_fixed_output_folder_where_a_restarted_run_finds_its_checkpoints(no_gpu, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["run", "gpt-pretrain", "--cpu", "--procs", "2", "--max-restarts", "2", "--dry-run"]
+    line = " ".join(runner.invoke(app, base).output.split())
+    assert "--max_restarts 2" in line
+    assert re.search(rf"--output_dir {re.escape(str(tmp_path))}/runs/gpt-pretrain-\d{{8}}-\d{{6}}\b", line), line
+    line = " ".join(runner.invoke(app, [*base, "--", "--output_dir=mine"]).output.split())
+    assert line.count("--output_dir") == 1 and "--output_dir=mine" in line  # the user's own folder stands
 
 
 def test_dry_run_may_ask_for_more_gpus_than_this_machine_has(no_gpu):

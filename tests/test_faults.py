@@ -35,6 +35,7 @@ from conftest import (
     SHAKESPEARE,
     accel_dp_command,
     descendants,
+    fault_matrix_args,
     free_port,
     glue_resumable_args,
     gpt_args,
@@ -44,6 +45,7 @@ from conftest import (
     recipe_command,
     run_to_the_end,
     saved_parameters,
+    start_with_fault,
     subprocess_env,
 )
 
@@ -185,6 +187,43 @@ def test_one_of_several_processes_leaves_without_interpreter_teardown_once_its_o
     assert ("interpreter teardown" in result.stdout) == (world_size == "1")
 
 
+@pytest.mark.parametrize(
+    "attempt, ends, code, recorded",
+    [("0", "faults.fail('bad')", 0, "2"),  # bad input: no restart mends it, so the agent must not restart
+     ("0", "faults.leave(1, mendable=True)", 1, None),  # a lost peer: restarted
+     ("2", "faults.fail('bad')", 2, None)],  # the budget spent: no restart to hold off
+)  # fmt: skip
+def test_under_restarts_an_ending_no_restart_mends_exits_0_and_leaves_its_code_to_accel_dp(tmp_path, attempt, ends,
+                                                                                           code, recorded):  # fmt: skip
+    env = subprocess_env(
+        PYTHONPATH=str(REPO_ROOT / "recipes"),
+        TORCHELASTIC_RESTART_COUNT=attempt,
+        TORCHELASTIC_MAX_RESTARTS="2",
+        ACCEL_DP_ERROR_DIR=str(tmp_path),
+        RANK="1",
+        WORLD_SIZE="2",
+    )
+    program = f"import faults\nfaults.run_main(lambda: {ends}, 'gpt-pretrain')"
+    result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == code, result.stderr
+    marker = tmp_path / "ended-1"
+    assert (marker.read_text() if marker.exists() else None) == recorded
+
+
+def test_a_restart_sets_the_attempt_befores_lines_aside_and_says_why_it_ended(tmp_path, monkeypatch):
+    monkeypatch.setenv(faults.ERROR_DIR_VARIABLE, str(tmp_path))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    (tmp_path / "rank-0").write_text(
+        "error: rank 0: lost contact with rank 1 (connection reset); stopping. Resume with --resume_from_checkpoint\n"
+    )
+    attempt = faults.Attempt(number=1, max_restarts=3)
+    attempt.set_aside_previous_lines()
+    assert not list(tmp_path.glob("rank-*"))  # accel-dp prints the last attempt's lines only
+    assert attempt.previous_ending() == "rank 0: lost contact with rank 1 (connection reset)"
+    assert faults.Attempt(number=2, max_restarts=3).previous_ending().startswith("a process ended without a word")
+    assert attempt.may_restart and not faults.Attempt(number=3, max_restarts=3).may_restart
+
+
 def test_an_error_line_goes_to_accel_dps_folder_when_it_runs_the_processes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(faults.ERROR_DIR_VARIABLE, str(tmp_path))
     monkeypatch.setenv("RANK", "1")
@@ -206,36 +245,6 @@ EXPECTED = {
 }
 
 
-def args(output_dir: Path, cache: Path) -> list[str]:
-    """12 steps with dropout on (resuming must restore every rank's random state), a log every 2 steps, a
-    checkpoint every 4, an evaluation at 6 and 12."""
-    return gpt_args(output_dir, cache, "--max_train_steps", "12", "--log_every", "2", "--checkpointing_steps", "4",
-                    "--eval_every", "6", "--eval_iters", "2", "--dropout", "0.1", "--sample_tokens", "0",
-                    "--global_batch_size", "8")  # fmt: skip
-
-
-def start_with_fault(processes: int, run_args: list[str], **fault: str) -> subprocess.Popen:
-    """`accel-dp run gpt-pretrain` on `processes` CPU processes, with tests/fault_injection on the path (it delivers
-    the fault the ACCEL_DP_FAULT_* variables name, if any)."""
-    pythonpath = os.pathsep.join([str(REPO_ROOT / "tests" / "fault_injection"), str(REPO_ROOT)])
-    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, **fault)
-    return subprocess.Popen(accel_dp_command("gpt-pretrain", processes, run_args), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def matrix_reference(tmp_path_factory, token_cache) -> dict[int, torch.Tensor]:
-    """The final parameters of the run never interrupted, on 1 and on 2 processes."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    finals = {}
-    for processes in (1, 2):
-        run = start_with_fault(processes, args(folder / str(processes), token_cache))
-        _, stderr = run.communicate(timeout=300)
-        assert run.returncode == 0, stderr[-3000:]
-        finals[processes] = saved_parameters(folder / str(processes))
-    return finals
-
-
 @pytest.mark.faults
 @pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("phase", PHASES)
@@ -243,7 +252,7 @@ def matrix_reference(tmp_path_factory, token_cache) -> dict[int, torch.Tensor]:
 def test_a_fault_ends_truthfully_and_the_run_resumes_exactly(tmp_path, token_cache, matrix_reference, sig, phase,
                                                              processes):  # fmt: skip
     cache = tmp_path / "cache" if phase == "cache" else token_cache  # a build to interrupt: a cache of its own
-    run_args = args(tmp_path / "run", cache)
+    run_args = fault_matrix_args(tmp_path / "run", cache)
     run = start_with_fault(processes, run_args, ACCEL_DP_FAULT_PHASE=phase, ACCEL_DP_FAULT_SIGNAL=sig)
     try:
         stdout, stderr = run.communicate(timeout=300)
@@ -310,7 +319,7 @@ def test_a_full_disk_at_any_write_ends_in_one_line_and_the_run_resumes_exactly(
     tmp_path, token_cache, matrix_reference, write, processes
 ):
     name, nth = FULL_DISK_AT[write]
-    run_args = args(tmp_path / "run", token_cache)
+    run_args = fault_matrix_args(tmp_path / "run", token_cache)
     run = start_with_fault(processes, run_args, ACCEL_DP_FAULT_PHASE="enospc", ACCEL_DP_FAULT_FILE=name,
                            ACCEL_DP_FAULT_NTH=str(nth))  # fmt: skip
     try:

@@ -161,3 +161,15 @@ def test_a_cpu_config_runs_on_cpu_also_on_a_gpu_machine_without_cpu_flag():
     assert launch.env == {"ACCELERATE_USE_CPU": "1"} and "2 CPU processes" in launch.summary
     argv = launch.argv
     assert argv[argv.index("--num_cpu_threads_per_process") + 1] == "8"  # accelerate's rule, passed: no warning
+
+
+def test_max_restarts_goes_to_torchs_elastic_agent_for_several_processes_of_one_node():
+    assert flag(build(cpu=True, procs=2, max_restarts=3).argv, "--max_restarts") == "3"
+    assert flag(build(gpus_available=8, gpus=8, max_restarts=1).argv, "--max_restarts") == "1"
+    assert flag(build(cpu=True, procs=2).argv, "--max_restarts") is None
+    with pytest.raises(UsageError, match="accelerate starts for 2 or more processes"):
+        build(cpu=True, procs=1, max_restarts=1)  # (accelerate's one-process launcher has no agent)
+    with pytest.raises(UsageError, match="runs on one node for now"):
+        build(cpu=True, procs=2, nodes=2, main_ip="10.0.0.1", max_restarts=1)
+    with pytest.raises(UsageError, match="--max-restarts must be 0 or more, got -1"):
+        build(cpu=True, procs=2, max_restarts=-1)

@@ -17,6 +17,7 @@ from conftest import CONFIGS_DIR, RECIPES_DIR, free_port, gpt_args, subprocess_e
 from typer.testing import CliRunner
 
 from accel_dp.cli import app
+from accel_dp.errors import UsageError
 from accel_dp.launch import RunOptions, build_launch
 from accel_dp.slurm import SlurmJob, build_sbatch_script
 
@@ -138,6 +139,15 @@ def test_recipe_gets_a_fixed_output_dir_and_resumes_from_latest_unless_given():
     assert recipe_args(plain) == []
     assert "#SBATCH --requeue" not in plain.text and "scontrol requeue" not in plain.text
     assert "some-recipe cannot resume from a checkpoint" in plain.text
+
+
+def test_a_one_node_job_hands_its_restart_budget_to_torchs_agent_and_a_multi_node_one_is_refused():
+    job = SlurmJob(nodes=1, gpus_per_node=8, output_dir="/runs/x")
+    script = build_sbatch_script(RECIPE, "gpt-pretrain", job, RunOptions(max_restarts=3))
+    assert "--max_restarts 3" in script.node_command
+    with pytest.raises(UsageError, match="runs on one node for now"):
+        build_sbatch_script(RECIPE, "gpt-pretrain", SlurmJob(nodes=2, gpus_per_node=8, output_dir="/o"),
+                            RunOptions(max_restarts=3))  # fmt: skip
 
 
 def test_cpu_nodes_export_accelerates_cpu_switch():

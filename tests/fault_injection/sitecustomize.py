@@ -12,6 +12,9 @@ rank 0 opens for writing whose name is ACCEL_DP_FAULT_FILE (metrics.jsonl, train
 all_results.json.partial), or the ACCEL_DP_FAULT_NTH-th safetensors file it saves under a folder whose name starts with
 ACCEL_DP_FAULT_FILE (step-: a checkpoint's weights; final-model: the final model's). Half of what was being written
 reaches the file, then the write fails with ENOSPC, as on a full disk; the disk is free again afterwards.
+
+Under restarts (accel-dp run --max-restarts), the fault comes in the first attempt only, or in every attempt with
+ACCEL_DP_FAULT_EVERY_ATTEMPT=1.
 """
 
 import builtins
@@ -97,6 +100,8 @@ def fill_the_disk_at_safetensors() -> None:
 def deliver() -> None:
     if os.environ.get("RANK", "0") != "0" or os.environ.get("ACCEL_DP_FAULT_DONE"):
         return
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and not os.environ.get("ACCEL_DP_FAULT_EVERY_ATTEMPT"):
+        return  # (under restarts: the first attempt only, unless asked)
     os.environ["ACCEL_DP_FAULT_DONE"] = "1"
     import psutil
 
