@@ -57,7 +57,7 @@ def run(recipe: str, precision: str, recipe_args: list[str], output_dir: Path) -
     command = [
         sys.executable,
         "-m",
-        "accel_dp.cli",
+        "accel_dp",
         "run",
         RUNS[recipe][0],
         "--cpu",

@@ -20,7 +20,7 @@ glue_model=${2:-}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TOKENIZERS_PARALLELISM
-accel_dp() { python -m accel_dp.cli "$@"; }
+accel_dp() { python -m accel_dp "$@"; }
 status=0
 step() { echo "== $1 ($(date +%H:%M:%S))" >&2; }
 

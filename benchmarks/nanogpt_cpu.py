@@ -97,7 +97,7 @@ def run_nanogpt(nanogpt_dir: Path, steps: int, out_dir: Path) -> tuple[float, fl
 def run_recipe(steps: int, cache_dir: Path, out_dir: Path, extra: list[str], config: str | None) -> tuple[float, dict]:
     launch = ["--config", config] if config else ["--cpu", "--procs", "1"]
     recipe_args = [*recipe_arguments(steps, cache_dir, extra), "--output_dir", str(out_dir)]
-    command = [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", *launch, "--", *recipe_args]
+    command = [sys.executable, "-m", "accel_dp", "run", "gpt-pretrain", *launch, "--", *recipe_args]
     wall, _ = timed(command)
     return wall, json.loads((out_dir / "all_results.json").read_text())
 

@@ -38,7 +38,7 @@ def main() -> None:
         for tokenizer in args.tokenizers:
             out = Path(tmp) / tokenizer.replace(":", "-")
             recipe_args = ["--tokenizer", tokenizer, "--cache_dir", f"{tmp}/cache", "--output_dir", str(out), *extra]
-            command = [sys.executable, "-m", "accel_dp.cli", "run", "gpt-pretrain", "--cpu", "--procs", "1", "--"]
+            command = [sys.executable, "-m", "accel_dp", "run", "gpt-pretrain", "--cpu", "--procs", "1", "--"]
             done = subprocess.run([*command, *recipe_args], capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"error: --tokenizer {tokenizer} exited {done.returncode}: {done.stderr[-2000:]}")

@@ -254,8 +254,9 @@ def several_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or (dist.is_available() and dist.is_initialized())
 
 
-def peer_said_why(rank: int, wait_s: float = 3.0) -> bool:
-    """Whether another process has written its error line (under accel-dp run), waiting a moment for it."""
+def peer_said_why(rank: int, wait_s: float = 1.0) -> bool:
+    """Whether another process has written its error line (under accel-dp run), waiting a moment for it: one that
+    stops on its own writes it before it leaves, and the others lose contact with it only then."""
     error_dir = os.environ.get(ERROR_DIR_VARIABLE)
     deadline = time.monotonic() + wait_s
     while error_dir and os.path.isdir(error_dir):
@@ -268,7 +269,10 @@ def peer_said_why(rank: int, wait_s: float = 3.0) -> bool:
 
 
 def lost_ranks(recipe: str, rank: int, world_size: int) -> str:
-    """Who is gone: the survivors check in with the launcher's rendezvous store, and whoever does not is lost."""
+    """Who is gone: the other one of two; of more, the survivors check in with the launcher's rendezvous store, and
+    whoever does not is lost."""
+    if world_size == 2:
+        return f"rank {1 - rank}"
     try:
         store = torch.distributed.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=10)

@@ -273,6 +273,7 @@ CASES = {
     "cli-copy-under-a-file": lambda t, c: (
         (t / "notes.txt").write_text("notes"), cli("copy", "gpt-pretrain", str(t / "notes.txt" / "project")))[1],
     "cli-copy-into-read-only": lambda t, c: cli("copy", "gpt-pretrain", "/proc/accel-dp/project"),
+    "cli-max-restarts-one-process": lambda t, c: cli("run", "gpt-pretrain", "--cpu", "--max-restarts", "2"),
     "cli-fp16-on-cpu": lambda t, c: cli("run", "gpt-pretrain", "--cpu", "--mixed-precision", "fp16"),
 }  # fmt: skip
 
