@@ -164,7 +164,7 @@ def run_command(
     ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command and environment; run nothing."),
 ) -> None:
-    """Launch a recipe. Arguments after `--` go to the recipe.
+    """Launch a recipe. The recipe's own arguments go after `--` (a flag accel-dp does not know goes on too).
 
     Examples:
       accel-dp run gpt-pretrain
@@ -368,8 +368,9 @@ def slurm_command(
 ) -> None:
     """Print an sbatch script that runs a recipe on Slurm nodes.
 
-    srun starts accelerate launch on every node. On preemption, or --signal-seconds before the time limit, the
-    recipe checkpoints and the job requeues and resumes. Arguments after `--` go to the recipe.
+    srun starts accel-dp's runner (accelerate's launcher, as accel-dp run uses it) on every node. On preemption, or
+    --signal-seconds before the time limit, the recipe checkpoints and the job requeues and resumes. Arguments after
+    `--` go to the recipe.
 
     Example: accel-dp slurm gpt-pretrain --nodes 2 --gpus 8 --time 04:00:00 -- --model_size gpt2 > job.sh
     """

@@ -117,10 +117,16 @@ def faulted_run(args: list[str], output_dir: Path, fault_every_s: float, rng: ra
     if launcher.returncode != 0:
         raise SystemExit(f"error: the faulted run exited {launcher.returncode}: {stderr[-2000:]}")
     wall = time.time() - start
-    restarts = [r for r in records(output_dir) if r.get("event") == "restart"]
+    # Each restart's record, the one of restart k answering kill k (a restart with no checkpoint yet starts afresh and
+    # sets the earlier attempt's files aside, its metrics.jsonl too: look there as well).
+    found = [r for log in output_dir.rglob("metrics.jsonl") for r in records(log.parent) if r.get("event") == "restart"]
+    restarts = {r["restart"]: r for r in found}
     faults = []
-    for kill, restart in zip(kills, restarts, strict=False):
-        faults.append({"recovery_s": restart["time"] - kill["time"], "replayed": kill["last_step"] - restart["step"]})
+    for number, kill in enumerate(kills, 1):
+        if restart := restarts.get(number):
+            faults.append(
+                {"recovery_s": restart["time"] - kill["time"], "replayed": kill["last_step"] - restart["step"]}
+            )
     return {"wall": wall, "faults": faults, "kills": len(kills), "restarts": len(restarts)}
 
 
@@ -138,11 +144,12 @@ def main() -> None:
     parser.add_argument("--fault_every_s", type=float, default=30.0, help="seconds of training between kills, about")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work_dir", type=Path, help="keep the runs' folders here (default: a temporary folder)")
     args = parser.parse_args()
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO))
     warn_if_busy()
     with tempfile.TemporaryDirectory() as tmp:
-        tmp, rng = Path(tmp), random.Random(args.seed)
+        tmp, rng = args.work_dir or Path(tmp), random.Random(args.seed)
         cache = tmp / "cache"
         timed_run(recipe_args(tmp / "warm", cache, 2, None))  # the token cache, untimed
         plain = timed_run(recipe_args(tmp / "plain", cache, args.steps, None))

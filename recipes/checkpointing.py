@@ -34,7 +34,7 @@ from accelerate.utils import gather_object, load, set_seed
 from faults import fail, stop, undone_if_leaving
 from manifest import check_manifest, manifest_of
 from messages import first_line, logger
-from run_folder import no_room
+from run_folder import no_room, with_usual_mode
 from safetensors import safe_open
 
 CHECKPOINT_FORMAT = 3  # training_state.json's layout; other formats are refused with a message
@@ -336,6 +336,8 @@ class Checkpointer:
     def _publish(self, staging: Path, final: Path, step: int, parts: dict, recipe_state: dict, is_final: bool) -> None:
         """The manifest written last, the folder renamed into place, `latest` pointed at it, old ones pruned."""
         written = sorted(p for p in staging.rglob("*") if p.is_file())
+        for file in written:
+            with_usual_mode(file)
         files = manifest_of(staging, written)
         state = {
             "format": CHECKPOINT_FORMAT,

@@ -53,7 +53,7 @@ try:  # the modules beside this file (Python puts a script's folder on the impor
     from glue_data import DEFAULT_TASK, TASKS, load_splits
     from messages import first_line, logger
     from metering import FlopsPerToken, check_memory, training_memory
-    from run_args import add_run_arguments, check_positive, check_run_arguments
+    from run_args import RecipeParser, add_run_arguments, check_positive, check_run_arguments
     from run_kit import Run
     from training import Step, load_pretrained, make_optimizer, optimizer_step
 except ModuleNotFoundError as missing:
@@ -66,7 +66,7 @@ GLUE_METRIC = Path(__file__).resolve().with_name("glue_metric.py")  # an evaluat
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RecipeParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default=DEFAULT_TASK, help=f"GLUE task: {', '.join(TASKS)} (default {DEFAULT_TASK})")
     data = parser.add_argument_group("data (first match wins: --train_file, --data_dir, the bundled copy, the Hub)")
     data.add_argument(
@@ -530,7 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
             "model_name_or_path": model_path,
         },
     )
-    logger.info("final: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float)))
+    numbers = ", ".join(f"{k} {v:.4g}" for k, v in results.items() if isinstance(v, float))
+    logger.info(f"{RECIPE}: final {numbers}; saved to {run.output_dir}")
     return results
 
 

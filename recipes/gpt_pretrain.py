@@ -39,9 +39,9 @@ try:  # the modules beside this file (Python puts a script's folder on the impor
     from faults import fail, run_main
     from messages import logger
     from metering import FlopsPerToken, check_memory, training_memory
-    from run_args import add_run_arguments, check_positive, check_run_arguments
+    from run_args import RecipeParser, add_run_arguments, check_positive, check_run_arguments
     from run_kit import Run
-    from token_cache import add_data_arguments, check_data_arguments, prepare_token_cache
+    from token_cache import add_data_arguments, check_data_arguments, describe_entry, prepare_token_cache
     from training import Step, load_pretrained, make_optimizer, optimizer_step
 except ModuleNotFoundError as missing:
     if missing.__traceback__.tb_next is not None:  # a package that one of those modules imports
@@ -64,7 +64,7 @@ MODEL_PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RecipeParser(description=__doc__.splitlines()[0])
     add_data_arguments(parser)  # the token cache's: files or a dataset, the tokenizer, the cache folder
     parser.add_argument("--prepare_only", action="store_true", help="Tokenize the corpus into the cache, then stop.")
 
@@ -333,8 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ------------------------------------------------------------------------------------------------------- data
     cache_entry, meta = prepare_token_cache(args, builds=accelerator.is_local_main_process)
     if args.prepare_only:
-        tokens = f"{meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens"
-        logger.info(f"{RECIPE}: prepared {tokens} in {cache_entry}")
+        logger.info(f"{RECIPE}: {describe_entry(cache_entry, meta)}")
         return {"token_cache": str(cache_entry), **{k: v for k, v in meta.items() if k != "source"}}
     tokenizer = AutoTokenizer.from_pretrained(cache_entry / "tokenizer")
     train_tokens = np.memmap(cache_entry / "train.bin", dtype=meta["dtype"], mode="r")

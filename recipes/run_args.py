@@ -9,8 +9,17 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import NoReturn
 
 from faults import Attempt, fail
+
+
+class RecipeParser(argparse.ArgumentParser):
+    """argparse's parser, whose errors (an unknown flag, a value of the wrong type) are the run kit's one line and exit
+    status 2, without the usage dump before them (`--help` shows it)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message}; see {self.prog} --help")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -180,6 +180,7 @@ def save_model(accelerator: Accelerator, model, tokenizer, output_dir: Path) -> 
                 )
             tokenizer.save_pretrained(staging)
             for file in sorted(staging.iterdir(), key=lambda p: p.suffix == ".safetensors"):  # the weights last
+                with_usual_mode(file)
                 os.replace(file, output_dir / file.name)
             staging.rmdir()
         except Exception as error:  # a full disk: safetensors' and torch's own errors as often as OSError
@@ -190,6 +191,13 @@ def save_model(accelerator: Accelerator, model, tokenizer, output_dir: Path) -> 
     broadcast_object_list(problem)
     if problem[0]:
         raise WriteFailed(problem[0])
+
+
+def with_usual_mode(path: Path) -> None:
+    """The permissions a new file gets here (0644 under the usual umask): safetensors writes its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def no_room(what: str, where: Path, need: int, error: BaseException) -> str:

@@ -34,6 +34,7 @@ from faults import BAD_INPUT_EXIT_CODE, FAILED_EXIT_CODE, INTERRUPTED_EXIT_CODE,
 from heartbeat_lock import HeartbeatLock
 from manifest import check_manifest, manifest_of
 from messages import first_line, logger
+from run_args import RecipeParser
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -337,7 +338,22 @@ def prepare_token_cache(args, builds: bool) -> tuple[Path, dict]:
             )
             next_note += 30
         time.sleep(0.5)
-    return entry, checked_entry(entry, digests=builds)
+    meta = checked_entry(entry, digests=builds)
+    return entry, {**meta, "built_here": (entry / "meta.json").stat().st_mtime >= started}
+
+
+def describe_entry(entry: Path, meta: dict) -> str:
+    """An entry in one line: built now or found built, its tokens, and its real vocabulary (a BPE stops short of the
+    size asked for when the corpus has no more pairs to merge)."""
+    how = "built" if meta.get("built_here") else "reused (built earlier)"
+    spec = str(meta.get("source", {}).get("tokenizer"))
+    asked = spec.removeprefix("bpe:")
+    short = asked.isdigit() and spec.startswith("bpe:") and int(asked) > meta["vocab_size"]
+    note = f" ({spec} asked for {int(asked):,}: the corpus has no more pairs to merge)" if short else ""
+    return (
+        f"token cache {entry} {how}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens, "
+        f"vocabulary {meta['vocab_size']:,}{note}"
+    )
 
 
 def checked_entry(entry: Path, digests: bool, digest_limit: float = DIGEST_LIMIT_BYTES) -> dict:
@@ -444,14 +460,14 @@ def move_tail(source: Path, target: Path, offset: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Build the cache entry for these data flags (the training run's own) and say where it is."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RecipeParser(description=__doc__.splitlines()[0])
     add_data_arguments(parser)
     args = parser.parse_args(argv)
     check_data_arguments(args)
     PartialState()  # accelerate's logger (the wait's progress lines) needs it; one process, no Accelerator
-    entry, _ = prepare_token_cache(args, builds=True)
-    meta = checked_entry(entry, digests=True, digest_limit=float("inf"))  # whatever its size
-    print(f"token cache {entry}: {meta['train_tokens']:,} training and {meta['val_tokens']:,} validation tokens")
+    entry, meta = prepare_token_cache(args, builds=True)
+    checked_entry(entry, digests=True, digest_limit=float("inf"))  # whatever its size
+    print(describe_entry(entry, meta))
     return {"token_cache": str(entry), **{k: v for k, v in meta.items() if k != "source"}}
 
 

@@ -156,6 +156,7 @@ busy_port.held = []
 
 CASES = {
     # gpt-pretrain
+    "gpt-unknown-flag": lambda t, c: gpt(t, c, "--num_train_epochs", "3"),
     "gpt-missing-data-file": lambda t, c: gpt(t, c, "--train_file", str(t / "nope.txt")),
     "gpt-train-file-is-a-folder": lambda t, c: (
         (t / "corpus").mkdir(), gpt(t, c, "--train_file", str(t / "corpus")))[1],
@@ -233,6 +234,7 @@ CASES = {
     "kit-powersgd-option-without-powersgd": lambda t, c: gpt(t, c, "--powersgd_rank", "2"),
     "kit-powersgd-start-below-2": lambda t, c: gpt(t, c, "--ddp_comm_hook", "powersgd", "--powersgd_start_iter", "1"),
     # glue-bert
+    "glue-flag-value-of-another-type": lambda t, c: glue(t, "--learning_rate", "fast"),
     "glue-unknown-task": lambda t, c: glue(t, "--task", "squad"),
     "glue-missing-data-file": lambda t, c: glue(
         t, "--train_file", str(t / "a.csv"), "--validation_file", str(t / "b.csv")),

@@ -91,6 +91,8 @@ def test_a_checkpoint_is_written_when_due_and_latest_names_the_newest_whole_one(
     for name, (size, digest) in state["files"].items():  # the manifest: every file at its size and checksum
         assert (tmp_path / "checkpoints" / "step-0000005" / name).stat().st_size == size
         assert manifest.sha256_of(tmp_path / "checkpoints" / "step-0000005" / name) == digest
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    assert len(set(modes.values())) == 1, modes  # (safetensors writes its files 0600, the others are 0644)
 
 
 def test_a_second_ctrl_c_during_a_save_leaves_no_partial_checkpoint_and_latest_as_it_was(tmp_path, monkeypatch):

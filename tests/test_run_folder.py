@@ -70,6 +70,11 @@ def test_glue_bert_output_classifies_a_sentence_pair_with_the_tasks_label_names(
     assert prediction["score"] == pytest.approx(torch.softmax(logits, dim=-1).max().item(), abs=1e-5)
 
 
+def test_every_file_a_run_writes_has_one_permission_mode(tiny_gpt_run):
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tiny_gpt_run.rglob("*") if p.is_file()}
+    assert len(set(modes.values())) == 1, modes  # (safetensors writes its files 0600, the others are 0644)
+
+
 def test_results_are_strict_json_with_null_where_a_value_is_missing():
     import json
 

@@ -114,6 +114,7 @@ def test_a_two_process_glue_run_into_a_file_prefixes_ranks_and_drops_the_expecte
     text = run_to_file(tmp_path, "glue-bert", 2, args)
     assert not [noise for noise in NOISE if noise in text], text[:3000]
     assert "[rank 0] glue-bert: 2 process(es) on cpu," in text and "[rank 1]" not in text  # the main process logs
+    assert "[rank 0] glue-bert: final eval_" in text and f"; saved to {tmp_path / 'run'}" in text
 
 
 def tensorboard_scalars(output_dir: Path, project: str = "accel-dp") -> dict[str, list[tuple[int, float]]]:

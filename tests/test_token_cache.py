@@ -172,9 +172,14 @@ def test_token_cache_py_run_alone_builds_the_entry_that_training_finds(tmp_path)
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     [entry] = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    assert f"token cache {entry}:" in done.stdout
+    assert f"token cache {entry} built: " in done.stdout
     args = load_recipe("gpt_pretrain").parse_args([*data, "--output_dir", str(tmp_path / "out")])
-    assert token_cache_module.prepare_token_cache(args, builds=False)[0] == entry  # found at once: nothing to wait for
+    found, meta = token_cache_module.prepare_token_cache(args, builds=False)
+    assert found == entry  # found at once: nothing to wait for
+    assert meta["vocab_size"] <= 300 and f"vocabulary {meta['vocab_size']:,}" in done.stdout
+    line = token_cache_module.describe_entry(found, {**meta, "source": {"tokenizer": "bpe:100000"}})
+    assert line.startswith(f"token cache {entry} reused (built earlier): ")  # a second run says it found it
+    assert "(bpe:100000 asked for 100,000: the corpus has no more pairs to merge)" in line
 
 
 def test_accel_dp_prepare_fills_the_cache_and_training_starts_from_it(tmp_path, token_cache, capfd):
@@ -265,6 +270,6 @@ def test_two_builders_racing_for_one_entry_build_it_once_and_leave_nothing_behin
                 for _ in range(2)]  # fmt: skip
     outputs = [b.communicate(timeout=120)[0] for b in builders]
     assert [b.returncode for b in builders] == [0, 0]
-    entries = {line.split(":")[0] for out in outputs for line in out.splitlines() if line.startswith("token cache")}
+    entries = {line.split()[2] for out in outputs for line in out.splitlines() if line.startswith("token cache")}
     assert len(entries) == 1  # both name the one entry
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [next(iter(entries)).split("/")[-1]]
