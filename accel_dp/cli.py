@@ -175,9 +175,8 @@ def run_command(
     try:
         found = get_recipe(recipe)
         recipe_path, recipe_args, restart_dir = found.path, tuple(ctx.args), None
-        if max_restarts and not has_flag(
-            recipe_args, "--output_dir"
-        ):  # a restart resumes where the first attempt wrote
+        # A restart resumes where the first attempt wrote: a fixed folder, unless the recipe's arguments name one.
+        if max_restarts and not has_flag(recipe_args, "--output_dir"):
             restart_dir = str(default_output_dir(found.name))
             recipe_args = with_output_dir(recipe_args, restart_dir)
         options = RunOptions(

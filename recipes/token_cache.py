@@ -305,11 +305,13 @@ def prepare_token_cache(args, builds: bool) -> tuple[Path, dict]:
     root = Path(args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "accel-dp", "tokens"))
     entry, started, next_note = root / key, time.time(), time.time() + 30
     made_root = not root.exists()  # (removed again if bad data leaves it empty)
-    try:  # (a built entry may be read from a read-only cache)
+    try:  # on every process alike, making nothing (a built entry may be read from a read-only cache)
         if not (entry / "meta.json").is_file():
-            root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=root):  # (os.access says yes to root, also on a read-only file system)
+            existing = next(p for p in (root, *root.parents) if p.exists())
+            with tempfile.TemporaryFile(dir=existing):  # (os.access says yes to root, also on a read-only file system)
                 pass
+            if builds:
+                root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         fail(f"--cache_dir {root} cannot be written to ({error.strerror}): choose another folder with --cache_dir")
     lock, unbuilt_since = HeartbeatLock(root / f"{key}.lock"), time.time()
