@@ -19,6 +19,7 @@ from .launch import (
     detect_cpu_cores,
     detect_gpus,
     has_flag,
+    parse_nodes,
     settle_main_port,
     with_output_dir,
 )
@@ -145,7 +146,12 @@ def run_command(
     gpus: int | None = typer.Option(None, "--gpus", help="GPUs per node (default: all of this machine's)."),
     cpu: bool = typer.Option(False, "--cpu", help="Run on CPU processes (gloo), even if GPUs are present."),
     procs: int | None = typer.Option(None, "--procs", help="CPU processes per node, with --cpu (default 1)."),
-    nodes: int = typer.Option(1, "--nodes", help="Number of machines."),
+    nodes: str = typer.Option(
+        "1",
+        "--nodes",
+        help="Number of machines, or MIN:MAX to go on with as few as MIN when nodes leave, and take "
+        "them back when they return (restarts from the latest checkpoint).",
+    ),
     node_rank: int = typer.Option(0, "--node-rank", help="This machine's rank, 0 to nodes-1."),
     main_ip: str | None = typer.Option(None, "--main-ip", help="Address of the node with rank 0."),
     main_port: int | None = typer.Option(
@@ -162,6 +168,9 @@ def run_command(
     max_restarts: int = typer.Option(
         0, "--max-restarts", help="Restart every process from the latest checkpoint when one fails, this often at most."
     ),
+    rdzv_conf: str = typer.Option(
+        "", "--rdzv-conf", help="torch's rendezvous settings across nodes under restarts, e.g. last_call_timeout=30."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command and environment; run nothing."),
 ) -> None:
     """Launch a recipe. The recipe's own arguments go after `--` (a flag accel-dp does not know goes on too).
@@ -175,15 +184,18 @@ def run_command(
     try:
         found = get_recipe(recipe)
         recipe_path, recipe_args, restart_dir = found.path, tuple(ctx.args), None
-        # A restart resumes where the first attempt wrote: a fixed folder, unless the recipe's arguments name one.
-        if max_restarts and not has_flag(recipe_args, "--output_dir"):
+        max_nodes, min_nodes = parse_nodes(nodes)
+        # A restart resumes where the first attempt wrote: a fixed folder, unless the recipe's arguments name one
+        # (across nodes the user names it: a folder every node shares).
+        if max_restarts and max_nodes == 1 and not has_flag(recipe_args, "--output_dir"):
             restart_dir = str(default_output_dir(found.name))
             recipe_args = with_output_dir(recipe_args, restart_dir)
         options = RunOptions(
             gpus=gpus,
             cpu=cpu,
             procs=procs,
-            nodes=nodes,
+            nodes=max_nodes,
+            min_nodes=min_nodes,
             node_rank=node_rank,
             main_ip=main_ip,
             main_port=main_port,
@@ -191,6 +203,7 @@ def run_command(
             mixed_precision=mixed_precision,
             grad_accum=grad_accum,
             max_restarts=max_restarts,
+            rdzv_conf=rdzv_conf,
             recipe_args=recipe_args,
         )
         # Without --gpus and --cpu, look at the machine; with --dry-run, assume it has what was asked for.
@@ -209,8 +222,8 @@ def run_command(
         if gpus is None and not cpu and gpus_available == 0
         else ""
     )
-    if max_restarts:
-        hint += f"; up to {max_restarts} restart(s)" + (f", in {restart_dir}" if restart_dir else "")
+    if restart_dir:
+        hint += f", in {restart_dir}"
     err_console.print(f"accel-dp: running {launch.summary}{hint}", highlight=False, soft_wrap=True)
     from .runner import run  # accelerate's launcher in this process: the recipe's exit status and error line
 

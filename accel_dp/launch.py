@@ -25,7 +25,8 @@ class RunOptions:
     gpus: int | None = None
     cpu: bool = False
     procs: int | None = None
-    nodes: int = 1
+    nodes: int = 1  # with min_nodes: the most
+    min_nodes: int | None = None  # --nodes MIN:MAX: the group re-forms on as few as MIN nodes and takes nodes back
     node_rank: int = 0
     main_ip: str | None = None
     main_port: int | None = None
@@ -33,6 +34,7 @@ class RunOptions:
     mixed_precision: str | None = None
     grad_accum: int | None = None
     max_restarts: int = 0  # torch's elastic agent restarts every process of the run this many times at most
+    rdzv_conf: str = ""  # torch's rendezvous settings across nodes under restarts (key=value,...)
     recipe_args: tuple[str, ...] = ()
 
 
@@ -112,13 +114,18 @@ def build_launch(
     total = per_node * options.nodes
     if options.max_restarts < 0:
         raise UsageError(f"--max-restarts must be 0 or more, got {options.max_restarts}")
-    if options.max_restarts and options.nodes > 1:
+    elastic = options.min_nodes is not None or (options.max_restarts > 0 and options.nodes > 1)
+    if options.min_nodes is not None and not 1 <= options.min_nodes <= options.nodes:
+        raise UsageError(f"--nodes MIN:MAX needs 1 <= MIN <= MAX, got {options.min_nodes}:{options.nodes}")
+    restarts = options.max_restarts or (DEFAULT_ELASTIC_RESTARTS if elastic else 0)
+    if elastic and not has_flag(options.recipe_args, "--output_dir"):
         raise UsageError(
-            "--max-restarts runs on one node for now: across nodes accelerate uses torch's static rendezvous, whose "
-            "restarted processes wait for their peers' old addresses (pytorch/pytorch#167288); requeue instead "
-            "(accel-dp slurm)"
+            "a run across nodes under restarts needs the recipe's --output_dir, the same folder on a file system every "
+            "node shares: add `-- --output_dir PATH`"
         )
-    if options.max_restarts and total < 2:
+    if options.rdzv_conf and not elastic:
+        raise UsageError("--rdzv-conf sets the rendezvous of --nodes MIN:MAX (or --nodes N --max-restarts R): add one")
+    if restarts and total < 2:
         raise UsageError(
             "--max-restarts needs torch's elastic agent, which accelerate starts for 2 or more processes (--cpu "
             "--procs 2, --gpus 2, or several nodes); one process can be run again with --resume_from_checkpoint latest"
@@ -143,29 +150,55 @@ def build_launch(
         config = resolve_config("multi_gpu" if total > 1 else "single_gpu")
 
     argv = [python, "-m", "accel_dp.runner", "--config_file", str(config)]
+    machines = f"{options.min_nodes or options.nodes}:{options.nodes}" if elastic else str(options.nodes)
     if options.config is None or topology_given:
-        argv += ["--num_processes", str(total), "--num_machines", str(options.nodes)]
+        argv += ["--num_processes", str(total), "--num_machines", machines]
     if options.nodes > 1:
         argv += ["--machine_rank", str(options.node_rank), "--main_process_ip", options.main_ip]
     if options.main_port is not None or options.nodes > 1:
         argv += ["--main_process_port", str(options.main_port if options.main_port is not None else 29500)]
     if options.mixed_precision is not None:
         argv += ["--mixed_precision", options.mixed_precision]
-    if options.max_restarts:
-        argv += ["--max_restarts", str(options.max_restarts)]
+    if restarts:
+        argv += ["--max_restarts", str(restarts)]
+    if elastic:  # the main node hosts the rendezvous; the others only join it (on one machine, the tests', too)
+        host = f"is_host={'true' if options.node_rank == 0 else 'false'}"
+        argv += ["--rdzv_backend", "c10d", "--rdzv_conf", ",".join(filter(None, [host, options.rdzv_conf]))]
     if on_cpu and cpu_cores is not None:  # accelerate's own rule (cores / local processes), said out loud
         argv += ["--num_cpu_threads_per_process", str(max(1, cpu_cores // per_node))]
     argv.append(str(recipe_path))
     if options.grad_accum is not None:
         argv += ["--gradient_accumulation_steps", str(options.grad_accum)]
-    argv += list(options.recipe_args)
+    recipe_args = list(options.recipe_args)
+    if elastic and not has_flag(recipe_args, "--resume_from_checkpoint"):
+        # A group re-formed after a node left or joined starts afresh in torch's count of restarts (only failures
+        # count), and a joining node's processes are new: every start continues the folder's newest checkpoint.
+        recipe_args += ["--resume_from_checkpoint", "latest"]
+    argv += recipe_args
 
     # accelerate's documented CPU switch: with it, a multi-process launch runs gloo on CPU (without it, a
     # machine with no GPU silently runs N unsynchronised copies).
     env = {"ACCELERATE_USE_CPU": "1"} if on_cpu else {}
-    where = f" x {options.nodes} nodes (this is node {options.node_rank})" if options.nodes > 1 else ""
+    count = f"{options.min_nodes} to {options.nodes}" if options.min_nodes is not None else str(options.nodes)
+    where = f" x {count} nodes (this is node {options.node_rank})" if options.nodes > 1 else ""
     summary = f"{recipe_path.stem.replace('_', '-')} on {device_words}{where} with {config.name}"
+    summary += f"; up to {restarts} restart(s)" if restarts else ""
     return Launch(argv=argv, env=env, summary=summary)
+
+
+DEFAULT_ELASTIC_RESTARTS = 3  # --nodes MIN:MAX without --max-restarts: a node lost costs a restart, one joining none
+
+
+def parse_nodes(text: str) -> tuple[int, int | None]:
+    """`--nodes N` or `--nodes MIN:MAX` (torchrun's syntax): (N, None) or (MAX, MIN)."""
+    low, colon, high = text.partition(":")
+    try:
+        nodes = (int(high), int(low)) if colon else (int(text), None)
+    except ValueError:
+        raise UsageError(f"--nodes must be a number of nodes or a range MIN:MAX, got {text!r}") from None
+    if colon and nodes[0] < 2:
+        raise UsageError(f"--nodes MIN:MAX needs MAX of 2 or more, got {text!r}")
+    return nodes
 
 
 def config_processes_per_node(loaded: dict) -> int | None:

@@ -222,6 +222,7 @@ def launch_and_wait(launch_args: list[str], env: dict[str, str] | None) -> int:
         return code
     from accelerate.commands.launch import launch_command, launch_command_parser
 
+    launch_args, min_nodes = node_range(launch_args)
     args = launch_command_parser().parse_args(launch_args)
     if args.max_restarts and args.num_machines in (None, 1):
         # torchrun's standalone rendezvous (c10d, a fresh endpoint and id), and a store of their own for the processes
@@ -238,7 +239,7 @@ def launch_and_wait(launch_args: list[str], env: dict[str, str] | None) -> int:
 
     def launch() -> None:
         try:
-            launch_command(args)
+            launch_command(args) if min_nodes is None else launch_elastic(args, min_nodes)
         except BaseException as error:  # judged in the main thread
             outcome["error"] = error
 
@@ -271,6 +272,43 @@ def launch_and_wait(launch_args: list[str], env: dict[str, str] | None) -> int:
             print(said, file=sys.stderr, flush=True)
     shutil.rmtree(error_dir, ignore_errors=True)
     return as_status(code)
+
+
+def node_range(launch_args: list[str]) -> tuple[list[str], int | None]:
+    """`--num_machines MIN:MAX` (accel-dp's one addition to accelerate's arguments: torchrun's --nnodes range) as
+    accelerate's `--num_machines MAX`, and MIN (None for a plain count)."""
+    if "--num_machines" not in launch_args[:-1]:
+        return launch_args, None
+    at = launch_args.index("--num_machines") + 1
+    low, colon, high = launch_args[at].partition(":")
+    if not colon:
+        return launch_args, None
+    return [*launch_args[:at], high, *launch_args[at + 1 :]], int(low)
+
+
+def launch_elastic(args, min_nodes: int) -> None:
+    """accelerate's multi-process launch, with torchrun's node range (--nnodes MIN:MAX) that accelerate's launcher
+    cannot pass on: accelerate's settings and environment for the processes, then torch's elastic agent over a c10d
+    rendezvous hosted by the main node. Every node's command names the same rendezvous (its id: the main node's
+    address and the training command)."""
+    import hashlib
+
+    import torch.distributed.run as torchrun
+    from accelerate.commands.launch import _validate_launch_command  # (the config file's defaults; no public name)
+    from accelerate.utils import patch_environment, prepare_multi_gpu_env
+
+    args, _, _ = _validate_launch_command(args)
+    environment = prepare_multi_gpu_env(args)
+    address = f"{args.main_process_ip}:{args.main_process_port}"
+    command = " ".join([address, args.training_script, *args.training_script_args])
+    args.nnodes, args.rdzv_backend, args.rdzv_endpoint = f"{min_nodes}:{args.num_machines}", "c10d", address
+    args.rdzv_id = "accel-dp-" + hashlib.sha256(command.encode()).hexdigest()[:12]
+    torchrun_args = torchrun.get_args_parser().parse_args([args.training_script, *args.training_script_args])
+    for key, value in vars(args).items():
+        if key in vars(torchrun_args):
+            setattr(torchrun_args, key, value)
+    with patch_environment(**environment):
+        torchrun.run(torchrun_args)
 
 
 def ended_on_purpose(error_dir: Path) -> tuple[int, int | None] | None:

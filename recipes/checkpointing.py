@@ -118,6 +118,7 @@ class Resume:
         self.step: int = state["step"]
         self.layout = Layout(**state["layout"])
         self.run: str = state["written_by"]["run"]
+        self.nodes: int = state["written_by"].get("nodes", 1)  # the machines it was written on
         self.fit: dict = state["fit"]
 
     @classmethod
@@ -270,6 +271,7 @@ class Checkpointer:
         run_id: str,
         fit: dict,
         layout: Layout,
+        nodes: int = 1,
         every: int | str | None,
         keep: int | None,
         model,
@@ -280,7 +282,7 @@ class Checkpointer:
         paused: Callable[[str], contextlib.AbstractContextManager],
     ):
         self.accelerator, self.folder, self.recipe, self.layout = accelerator, folder, recipe, layout
-        self.run_id, self.fit = run_id, fit
+        self.run_id, self.fit, self.nodes = run_id, fit, nodes
         self.every, self.keep, self.seed, self.paused = every, keep, seed, paused
         self.model, self.optimizer, self.local_sgd, self.parts = model, optimizer, local_sgd, parts
         self.last_saved: int | None = None
@@ -341,7 +343,7 @@ class Checkpointer:
         files = manifest_of(staging, written)
         state = {
             "format": CHECKPOINT_FORMAT,
-            "written_by": {"recipe": self.recipe, "run": self.run_id},
+            "written_by": {"recipe": self.recipe, "run": self.run_id, "nodes": self.nodes},
             "fit": self.fit,
             "step": step,
             "final": is_final,

@@ -10,6 +10,7 @@ at once (os._exit once the output is flushed), and when a peer is lost, with one
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -112,9 +113,24 @@ class StopSignals:
     def interrupted(self) -> bool:
         return self.received == "SIGINT"
 
+    @property
+    def restart_follows(self) -> bool:
+        """Whether the SIGTERM came from torch's elastic agent, which stops every process of the group before it
+        restarts it (a node joined, or a process failed). Under accel-dp's restarts a signal from outside is recorded
+        by accel-dp (ended-runner) before it is passed on; asked after the checkpoint, when it has been."""
+        folder = error_folder()
+        return (
+            self.received == "SIGTERM"
+            and folder is not None
+            and Attempt.now().max_restarts > 0
+            and not (folder / "ended-runner").exists()
+        )
+
     def describe(self) -> str:
         if self.interrupted:
             return "interrupted (Ctrl-C)"
+        if self.restart_follows:
+            return "stopped by torch's elastic agent to re-form the group"
         return f"preempted ({self.received or 'a signal to another rank'})"
 
     def stop_if_any_before_training(self, accelerator: Accelerator, recipe: str) -> None:
@@ -127,8 +143,15 @@ class StopSignals:
     def end_run(self, message: str, then: str = "") -> NoReturn:
         """The run's last line after a signal, with the exit status it ends with (130 after Ctrl-C, else 75)."""
         code = INTERRUPTED_EXIT_CODE if self.interrupted else PREEMPTED_EXIT_CODE
+        if self.restart_follows:
+            logger.info(message)
+            raise Restarting(code)
         logger.info(f"{message}; exit status {code}{then}")
         raise SystemExit(code)
+
+
+class Restarting(SystemExit):
+    """The process ends so that torch's elastic agent can restart the group: the run goes on."""
 
 
 def run_before_leaving() -> None:
@@ -145,11 +168,14 @@ class Attempt(NamedTuple):
 
     number: int
     max_restarts: int
+    nodes: int = 1  # the machines of this attempt's group (torchrun's GROUP_WORLD_SIZE)
 
     @classmethod
     def now(cls) -> Attempt:
         return cls(
-            int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+            int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)),
+            int(os.environ.get("GROUP_WORLD_SIZE", 1)),
         )
 
     @property
@@ -192,6 +218,7 @@ def run_main(main: Callable, recipe: str) -> None:
     """Run a recipe's main() and leave the way the run ended. When a process dies (a killed node, out of memory), every
     collective of the others fails, or times out after --ddp_timeout: name the lost rank in one line and exit at once,
     rather than hang or print a wall of C++. Under restarts, an attempt after one that ended on purpose ends alike."""
+    die_with_launcher()
     attempt = Attempt.now()
     attempt.set_aside_previous_lines()
     if (code := ended_on_purpose()) is not None:
@@ -202,7 +229,7 @@ def run_main(main: Callable, recipe: str) -> None:
             leave(0)  # (gloo's C++ teardown at interpreter exit can abort a finished run, status 134)
         run_before_leaving()
     except SystemExit as ended:  # fail, stop, or a signal's end_run: the line is out
-        leave(ended.code if isinstance(ended.code, int) else FAILED_EXIT_CODE)
+        leave(ended.code if isinstance(ended.code, int) else FAILED_EXIT_CODE, mendable=isinstance(ended, Restarting))
     except KeyboardInterrupt:  # Ctrl-C before training began (the token cache, the model), or a second one
         report_error("interrupted (Ctrl-C): stopped at once; nothing half-written was kept")
         leave(INTERRUPTED_EXIT_CODE)
@@ -246,6 +273,18 @@ def leave(code: int, mendable: bool = False) -> NoReturn:
         sys.stderr.flush()
         os._exit(code)
     raise SystemExit(code)
+
+
+def die_with_launcher() -> None:
+    """A process that torch's elastic agent started dies with the agent (Linux: the kernel's parent-death signal), as
+    the processes of a lost machine do. Orphaned, it would go on training with the other nodes, which then never see
+    its node leave, and wait for it at the end."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the agent was gone before the call
+        os._exit(FAILED_EXIT_CODE)
 
 
 def several_processes() -> bool:

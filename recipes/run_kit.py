@@ -107,6 +107,8 @@ class Run:
             self.resume.check(self.accelerator, self.layout, recipe)
         self.run_id = self.resume.run if self.resume else new_run_id()
         self.first_step = self.resume.step if self.resume else 0
+        # Under torch's agent, a group re-formed on another number of nodes (one joined: no restart is counted).
+        self.regrouped = bool(self.resume and self.attempt.max_restarts and self.resume.nodes != self.attempt.nodes)
         self.total_steps: int | None = None  # (training() says)
         self.recipe_state: dict | None = None  # the recipe's own, as last handed to save()
 
@@ -151,8 +153,8 @@ class Run:
         self.folder_lock = hold_folder(accelerator, self.output_dir, self.run_id, self.recipe, command, fresh)
         resumed_step = self.resume.step if self.resume else None
         self.log = RunLog(accelerator, self.output_dir, resumed_step, args.tracker_project, vars(args))
-        if self.attempt.number:
-            log_restart(self.log, self.attempt, self.recipe, self.first_step, resumed=self.resume is not None)
+        if self.attempt.number > self.log.last_restart or self.regrouped:
+            log_restart(self.log, self.attempt, self.recipe, self.first_step, self.resume, self.layout)
         self.meter = Meter(accelerator, self.unit, self.start_time)
         self.local_sgd = LocalSGD(accelerator, model, args.local_sgd_steps)
         folder = CheckpointFolder(self.output_dir / "checkpoints")
@@ -164,6 +166,7 @@ class Run:
             run_id=self.run_id,
             fit=fit,
             layout=self.layout,
+            nodes=self.attempt.nodes,
             every=args.checkpointing_steps,
             keep=args.checkpoints_total_limit,
             model=model,
@@ -237,7 +240,9 @@ class Run:
             saved = "no checkpoint (the run makes none: --checkpointing_steps)"
         else:
             self.checkpointer.save(step, state, force=True)
-            saved = "checkpoint written; run the same command with --resume_from_checkpoint latest to continue"
+            saved = "checkpoint written"
+            if not self.signals.restart_follows:
+                saved += "; run the same command with --resume_from_checkpoint latest to continue"
         self.accelerator.end_training()
         self.signals.end_run(f"{self.recipe}: {self.signals.describe()} at step {step}: {saved}")
 
@@ -272,11 +277,22 @@ def accumulation_for(args: argparse.Namespace, world_size: int, resume: Resume |
     return accumulation
 
 
-def log_restart(log: RunLog, attempt: Attempt, recipe: str, step: int, resumed: bool) -> None:
-    """A restart by torch's elastic agent: a line, and a record in metrics.jsonl, of when, why, where it resumed and
-    how many logged steps it trains again (none known when no checkpoint was written yet: it starts afresh)."""
-    replayed, why = max(0, log.last_forgotten_step - step) if resumed else None, attempt.previous_ending()
-    record = {"step": step, "event": "restart", "restart": attempt.number, "max_restarts": attempt.max_restarts,
-              "resumed_step": step, "replayed_steps": replayed, "reason": why, "time": time.time()}  # fmt: skip
-    where = f"resuming at step {step} ({replayed} logged step(s) trained again)" if resumed else "starting afresh"
-    log.event(record, f"{recipe}: restart {attempt.number} of {attempt.max_restarts} after {why}: {where}")
+def log_restart(log: RunLog, attempt: Attempt, recipe: str, step: int, resume: Resume | None, now: Layout) -> None:
+    """A restart by torch's elastic agent, or its group re-formed on other nodes (one joined): a line, and a record
+    in metrics.jsonl, of when, why, the nodes and layout before and after, where it resumed and how many logged steps
+    it trains again (none known when no checkpoint was written yet: it starts afresh)."""
+    restarted = attempt.number > log.last_restart
+    why = attempt.previous_ending() if restarted else "a node joined"
+    before = (resume.nodes, resume.layout) if resume else (attempt.nodes, now)
+    replayed = max(0, log.last_forgotten_step - step) if resume else None
+    record = {"step": step, "event": "restart" if restarted else "regroup", "restart": attempt.number,
+              "max_restarts": attempt.max_restarts, "resumed_step": step, "replayed_steps": replayed, "reason": why,
+              "nodes": [before[0], attempt.nodes], "processes": [before[1].processes, now.processes],
+              "time": time.time()}  # fmt: skip
+    what = f"restart {attempt.number} of {attempt.max_restarts} after {why}" if restarted else why
+    where = f"resuming at step {step}" if resume else "starting afresh"
+    if before != (attempt.nodes, now):
+        accumulation = f"accumulation {before[1].gradient_accumulation_steps} -> {now.gradient_accumulation_steps}"
+        where = f"{before[0]} -> {attempt.nodes} nodes: {where} on {now.processes} process(es), {accumulation}"
+    trained_again = f" ({replayed} logged step(s) trained again)" if resume else ""
+    log.event(record, f"{recipe}: {what}: {where}{trained_again}")

@@ -27,6 +27,7 @@ class RunLog:
     ):
         self.accelerator, self.path = accelerator, output_dir / "metrics.jsonl"
         self.last_forgotten_step = 0  # the last step logged after the checkpoint resumed from (main process)
+        self.last_restart = 0  # the number of the last restart logged (main process)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -36,6 +37,7 @@ class RunLog:
                 records = read_records(self.path)
                 write_whole(self.path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= resumed_step))
                 self.last_forgotten_step = max((r["step"] for r in records), default=0)
+                self.last_restart = max((r.get("restart", 0) for r in records if r.get("event")), default=0)
         if accelerator.log_with:
             accelerator.project_configuration.set_directories(str(output_dir))  # tensorboard logs go under it
             plain = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from conftest import CONFIGS_DIR, RECIPES_DIR, REPO_ROOT
 
 from accel_dp.errors import UsageError
-from accel_dp.launch import RunOptions, build_launch
+from accel_dp.launch import RunOptions, build_launch, parse_nodes
 
 RECIPE = RECIPES_DIR / "gpt_pretrain.py"
 
@@ -169,7 +170,55 @@ def test_max_restarts_goes_to_torchs_elastic_agent_for_several_processes_of_one_
     assert flag(build(cpu=True, procs=2).argv, "--max_restarts") is None
     with pytest.raises(UsageError, match="accelerate starts for 2 or more processes"):
         build(cpu=True, procs=1, max_restarts=1)  # (accelerate's one-process launcher has no agent)
-    with pytest.raises(UsageError, match="runs on one node for now"):
-        build(cpu=True, procs=2, nodes=2, main_ip="10.0.0.1", max_restarts=1)
+    with pytest.raises(UsageError, match="needs the recipe's --output_dir, the same folder on a file system"):
+        build(cpu=True, procs=2, nodes=2, main_ip="10.0.0.1", max_restarts=1)  # (a dated default differs per node)
     with pytest.raises(UsageError, match="--max-restarts must be 0 or more, got -1"):
         build(cpu=True, procs=2, max_restarts=-1)
+
+
+def test_a_node_range_is_torchruns_elastic_membership_over_a_c10d_rendezvous_the_main_node_hosts():
+    """--nodes MIN:MAX: accelerate's arguments with --num_machines MIN:MAX (the runner hands torchrun the range), the
+    c10d rendezvous (hosted by node 0, joined by the others), restarts by default, and every start continuing the
+    folder's newest checkpoint (a re-formed group is not a counted restart)."""
+    two = ("--output_dir", "/shared/run")
+    main = build(cpu=True, procs=1, nodes=3, min_nodes=1, main_ip="10.0.0.1", recipe_args=two)
+    assert flag(main.argv, "--num_machines") == "1:3" and flag(main.argv, "--num_processes") == "3"
+    assert flag(main.argv, "--rdzv_backend") == "c10d" and flag(main.argv, "--rdzv_conf") == "is_host=true"
+    assert flag(main.argv, "--max_restarts") == "3" and "1 to 3 nodes" in main.summary
+    assert recipe_args(main.argv) == [*two, "--resume_from_checkpoint", "latest"]
+    own = (*two, "--resume_from_checkpoint", "/x/step-4")
+    other = build(cpu=True, procs=1, nodes=3, min_nodes=2, node_rank=2, main_ip="10.0.0.1", max_restarts=5,
+                  rdzv_conf="last_call_timeout=5", recipe_args=own)  # fmt: skip
+    assert flag(other.argv, "--num_machines") == "2:3" and flag(other.argv, "--max_restarts") == "5"
+    assert flag(other.argv, "--rdzv_conf") == "is_host=false,last_call_timeout=5"
+    assert recipe_args(other.argv) == list(own)  # (the user's own kept)
+    fixed = build(cpu=True, procs=2, nodes=2, main_ip="10.0.0.1", max_restarts=1, recipe_args=two)
+    assert flag(fixed.argv, "--num_machines") == "2:2" and flag(fixed.argv, "--rdzv_backend") == "c10d"
+    plain = build(cpu=True, procs=2, nodes=2, main_ip="10.0.0.1")
+    assert flag(plain.argv, "--num_machines") == "2" and flag(plain.argv, "--rdzv_backend") is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("1", (1, None)), ("4", (4, None)), ("1:2", (2, 1)), ("3:8", (8, 3))],
+)
+def test_nodes_is_a_count_or_a_range(text, expected):
+    assert parse_nodes(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, options, message",
+    [
+        ("two", {}, "--nodes must be a number of nodes or a range MIN:MAX, got 'two'"),
+        ("1:x", {}, "a range MIN:MAX, got '1:x'"),
+        ("1:1", {}, "--nodes MIN:MAX needs MAX of 2 or more, got '1:1'"),
+        ("3:2", {"main_ip": "10.0.0.1"}, "--nodes MIN:MAX needs 1 <= MIN <= MAX, got 3:2"),
+        ("0:2", {"main_ip": "10.0.0.1"}, "--nodes MIN:MAX needs 1 <= MIN <= MAX, got 0:2"),
+        ("1:2", {}, "--nodes > 1 needs --main-ip"),
+        ("1", {"rdzv_conf": "join_timeout=9"}, "--rdzv-conf sets the rendezvous of --nodes MIN:MAX"),
+    ],
+)
+def test_a_bad_node_range_is_one_line(text, options, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        nodes, min_nodes = parse_nodes(text)
+        build(cpu=True, procs=1, nodes=nodes, min_nodes=min_nodes, recipe_args=("--output_dir", "o"), **options)

@@ -89,3 +89,13 @@ def test_a_signal_decides_the_ending_only_where_it_killed_a_process_or_nothing_h
     code, line = relay.ending(-2)
     assert code == 130 and "interrupted (Ctrl-C) before training began" in line
     assert relay.ending(130) == (130, None)
+
+
+def test_a_node_range_becomes_accelerates_node_count_and_the_fewest_nodes():
+    args = ["--config_file", "c.yaml", "--num_processes", "3", "--num_machines", "1:3", "--machine_rank", "0", "r.py"]
+    assert runner.node_range(args) == ([*args[:5], "3", *args[6:]], 1)
+    assert runner.node_range(["--num_machines", "2", "r.py", "--num_machines", "1:2"]) == (
+        ["--num_machines", "2", "r.py", "--num_machines", "1:2"],
+        None,
+    )  # (a plain count; and what follows the script is the recipe's)
+    assert runner.node_range(["r.py"]) == (["r.py"], None)
