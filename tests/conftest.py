@@ -205,10 +205,13 @@ def glue_args(output_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def accel_dp_command(recipe: str, processes: int, args: list[str], options: tuple[str, ...] = ()) -> list[str]:
-    """`accel-dp run RECIPE --cpu --procs N [OPTIONS] -- ARGS` as a command of its own process, on a free port."""
+def accel_dp_command(
+    recipe: str, processes: int, args: list[str], options: tuple[str, ...] = (), port: int | None = None
+) -> list[str]:
+    """`accel-dp run RECIPE --cpu --procs N [OPTIONS] -- ARGS` as a command of its own process, on `port` or a free
+    one."""
     return [sys.executable, "-m", "accel_dp", "run", recipe, "--cpu", "--procs", str(processes),
-            "--main-port", str(free_port()), *options, "--", *args]  # fmt: skip
+            "--main-port", str(port or free_port()), *options, "--", *args]  # fmt: skip
 
 
 def accel_dp_run(recipe: str, processes: int, args: list[str]) -> int:
@@ -354,12 +357,14 @@ def fault_matrix_args(output_dir: Path, cache: Path) -> list[str]:
                     "--global_batch_size", "8")  # fmt: skip
 
 
-def start_with_fault(processes: int, run_args: list[str], options: tuple[str, ...] = (), **fault: str):
+def start_with_fault(
+    processes: int, run_args: list[str], options: tuple[str, ...] = (), port: int | None = None, **fault: str
+):
     """`accel-dp run gpt-pretrain [OPTIONS]` on `processes` CPU processes, with tests/fault_injection on the path (it
     delivers the fault the ACCEL_DP_FAULT_* variables name, if any). Returns the subprocess.Popen."""
     pythonpath = os.pathsep.join([str(REPO_ROOT / "tests" / "fault_injection"), str(REPO_ROOT)])
     env = subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, **fault)
-    command = accel_dp_command("gpt-pretrain", processes, run_args, options)
+    command = accel_dp_command("gpt-pretrain", processes, run_args, options, port)
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
 

@@ -14,7 +14,9 @@ ACCEL_DP_FAULT_FILE (step-: a checkpoint's weights; final-model: the final model
 reaches the file, then the write fails with ENOSPC, as on a full disk; the disk is free again afterwards.
 
 Under restarts (accel-dp run --max-restarts), the fault comes in the first attempt only, or in every attempt with
-ACCEL_DP_FAULT_EVERY_ATTEMPT=1.
+ACCEL_DP_FAULT_EVERY_ATTEMPT=1; in the training phase, at the third step the process trains. Two more faults for
+nodes (tests/test_restarts.py): ACCEL_DP_FAULT_SIGNAL=SIGKILL_LAUNCHER kills this node's `accel-dp run` alone (its
+first process delivers it), and HOLD keeps rank 0 at that step until a signal comes.
 """
 
 import builtins
@@ -24,6 +26,7 @@ import io
 import os
 import signal
 import sys
+import time
 
 PHASE, SIGNAL = os.environ.get("ACCEL_DP_FAULT_PHASE"), os.environ.get("ACCEL_DP_FAULT_SIGNAL")
 FULL_AT, NTH = os.environ.get("ACCEL_DP_FAULT_FILE", ""), int(os.environ.get("ACCEL_DP_FAULT_NTH", "1"))
@@ -97,17 +100,26 @@ def fill_the_disk_at_safetensors() -> None:
                 setattr(module, name, save_file)
 
 
-def deliver() -> None:
-    if os.environ.get("RANK", "0") != "0" or os.environ.get("ACCEL_DP_FAULT_DONE"):
+def deliver(run=None, *args) -> None:
+    if os.environ.get("LOCAL_RANK" if SIGNAL == "SIGKILL_LAUNCHER" else "RANK", "0") != "0":
         return
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and not os.environ.get("ACCEL_DP_FAULT_EVERY_ATTEMPT"):
-        return  # (under restarts: the first attempt only, unless asked)
+    if os.environ.get("ACCEL_DP_FAULT_DONE"):
+        return
+    again = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or getattr(run, "first_step", 0)
+    if again and SIGNAL != "SIGKILL_LAUNCHER" and not os.environ.get("ACCEL_DP_FAULT_EVERY_ATTEMPT"):
+        return  # (a restart, or a group re-formed when a node joined: the first attempt only, unless asked)
     os.environ["ACCEL_DP_FAULT_DONE"] = "1"
     import psutil
 
     runner = next(p.pid for p in psutil.Process().parents() if " -m accel_dp run " in f" {' '.join(p.cmdline())} ")
     if SIGNAL == "SIGINT":
         os.killpg(os.getpgid(runner), signal.SIGINT)
+    elif SIGNAL == "SIGKILL_LAUNCHER":  # this node's accel-dp run, alone
+        os.kill(runner, signal.SIGKILL)
+    elif SIGNAL == "HOLD":  # until a signal comes (a node joining: torch's agent stops the group), 2 minutes at most
+        deadline = time.monotonic() + 120
+        while run.signals.received is None and time.monotonic() < deadline:
+            time.sleep(0.05)
     elif SIGNAL == "SIGTERM":
         os.kill(runner, signal.SIGTERM)
     else:  # SIGKILL of the last rank
@@ -126,10 +138,10 @@ def wrap(owner, name, at=lambda *args, **kwargs: True, after=False):
 
     def wrapper(*args, **kwargs):
         if not after and at(*args, **kwargs):
-            deliver()
+            deliver(*args)
         result = original(*args, **kwargs)
         if after and at(*args, **kwargs):
-            deliver()
+            deliver(*args)
         return result
 
     setattr(owner, name, wrapper)
@@ -153,7 +165,7 @@ def patch(module) -> None:
     elif PHASE == "first_step":
         wrap(module.Run, "begin")
     elif PHASE == "training":
-        wrap(module.Run, "step_done", at=lambda run, step, result: step == 3, after=True)
+        wrap(module.Run, "step_done", at=lambda run, step, result: step == run.first_step + 3, after=True)
     elif PHASE == "checkpoint":
         import accelerate
 
