@@ -264,7 +264,7 @@ def launch_and_wait(launch_args: list[str], env: dict[str, str] | None) -> int:
     code, line = RELAY.ending(code)
     if (ended := ended_on_purpose(error_dir)) is not None:  # under restarts: the recipes exited 0 and said so here
         code, first_rank = ended
-        said_why = any(error_dir.glob("rank-*"))
+        said_why = first_rank is not None or any(error_dir.glob("rank-*"))  # (a process that ended said how)
         line = RELAY.ending(-RELAY.pending)[1] if RELAY.pending and not said_why else None
     report_errors(error_dir, first_rank, code)
     for said in (line, gave_up(error_dir, args.max_restarts, code, ended is not None)):

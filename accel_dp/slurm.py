@@ -114,6 +114,11 @@ def build_sbatch_script(
             "with a range of nodes, give the recipe --global_batch_size rather than --grad-accum: on fewer nodes the "
             "accumulation steps must grow to keep the global batch"
         )
+    if run.max_restarts and (job.max_nodes or job.nodes) > 1:
+        raise UsageError(
+            "--max-restarts in a Slurm job runs on one node: across nodes the job is requeued from its latest "
+            "checkpoint instead (on as many nodes as Slurm gives it, with --nodes MIN-MAX); drop --max-restarts"
+        )
     args, resumes = recipe_arguments(run.recipe_args, job.output_dir, can_resume)
     options = RunOptions(
         gpus=job.gpus_per_node,

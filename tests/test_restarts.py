@@ -216,3 +216,21 @@ def test_a_node_that_joins_mid_run_is_taken_in_and_the_run_ends_within_1e_5(tmp_
     assert not restart_records(run_dir)  # (a node joining costs no restart)
     assert "a node joined: 1 -> 2 nodes: resuming at step 4 on 2 process(es), accumulation 2 -> 1" in output
     assert no_process_left(run_dir)
+
+
+@pytest.mark.xdist_group("nodes")
+def test_sigterm_to_one_node_stops_every_node_with_a_checkpoint_and_75(tmp_path, token_cache):
+    """A preemption of node 1 (SIGTERM to its accel-dp run, at its third step) is not a node leaving: every process
+    checkpoints together and both nodes end with 75, nothing restarted, nothing left running."""
+    run_dir, port = tmp_path / "run", free_port()
+    main = start_node(node_args(run_dir, token_cache), "1:2", 0, port)
+    other = start_node(node_args(run_dir, token_cache), "1:2", 1, port, ACCEL_DP_FAULT_PHASE="training",
+                       ACCEL_DP_FAULT_SIGNAL="SIGTERM")  # fmt: skip
+    (code, output), (other_code, other_output) = ended(main, other)
+    assert code == other_code == faults.PREEMPTED_EXIT_CODE, (output + other_output)[-3000:]
+    stopped = [line for line in output.splitlines() if "preempted" in line]
+    assert len(stopped) == 1 and "checkpoint written" in stopped[0], output[-3000:]
+    assert "before training began" not in output + other_output
+    step = int(stopped[0].split(" at step ")[1].split(":")[0])
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step-{step:07d}"
+    assert not restart_records(run_dir) and no_process_left(run_dir)

@@ -145,7 +145,7 @@ def test_a_one_node_job_hands_its_restart_budget_to_torchs_agent_and_a_multi_nod
     job = SlurmJob(nodes=1, gpus_per_node=8, output_dir="/runs/x")
     script = build_sbatch_script(RECIPE, "gpt-pretrain", job, RunOptions(max_restarts=3))
     assert "--max_restarts 3" in script.node_command
-    with pytest.raises(UsageError, match="runs on one node for now"):
+    with pytest.raises(UsageError, match="--max-restarts in a Slurm job runs on one node: across nodes the job is"):
         build_sbatch_script(RECIPE, "gpt-pretrain", SlurmJob(nodes=2, gpus_per_node=8, output_dir="/o"),
                             RunOptions(max_restarts=3))  # fmt: skip
 

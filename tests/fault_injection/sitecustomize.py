@@ -1,6 +1,6 @@
 """Fault injection for tests/test_faults.py: Python imports this module at start-up when its folder is on PYTHONPATH.
 
-With ACCEL_DP_FAULT_PHASE set, the recipe process that builds the token cache, or rank 0, delivers
+With ACCEL_DP_FAULT_PHASE set, the recipe process that builds the token cache, or local rank 0, delivers
 ACCEL_DP_FAULT_SIGNAL once it reaches that phase of a run, the way a user or a machine would: SIGINT to the
 process group of `accel-dp run` (Ctrl-C at its terminal), SIGTERM to `accel-dp run` (a preemption), SIGKILL to the
 last rank (the out-of-memory killer). Phases: cache (tokenizing the corpus), first_step (the data and model ready,
@@ -101,7 +101,7 @@ def fill_the_disk_at_safetensors() -> None:
 
 
 def deliver(run=None, *args) -> None:
-    if os.environ.get("LOCAL_RANK" if SIGNAL == "SIGKILL_LAUNCHER" else "RANK", "0") != "0":
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # (the first process of the node the variables were given to)
         return
     if os.environ.get("ACCEL_DP_FAULT_DONE"):
         return
