@@ -1,10 +1,12 @@
 """A lock file that its holder keeps alive: the token cache's builder holds one per cache entry, a run one on its
 output folder. Machines sharing a file system see each other's.
 
-The file names its holder (host:pid) and when it took the lock; the holder touches it every HEARTBEAT_S. A lock not
-touched for STALE_AFTER_S is gone, whatever its pid says (after a restart another process may hold that pid), and so
-is one held by a process of this machine that no longer runs: either is taken over, so a crash never leaves a lock
-that a person must remove.
+The file names its holder (host:pid), when it took the lock and the holder's group, if any; the holder touches it
+every HEARTBEAT_S. A lock not touched for STALE_AFTER_S is gone, whatever its pid says (after a restart another
+process may hold that pid), and so is one held by a process of this machine that no longer runs: either is taken
+over, so a crash never leaves a lock that a person must remove. So is one held by an earlier process of the same
+group (a run under torch's elastic agent, named by its rendezvous id): the agent stops a group's processes before
+it starts the next, and a holder on a lost machine would otherwise keep the re-formed group out for STALE_AFTER_S.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ class Holder(NamedTuple):
 
 
 class HeartbeatLock:
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, group: str = ""):
+        self.path, self.group = path, group
         self._done: threading.Event | None = None
 
     def holder(self) -> Holder | None:
@@ -44,20 +46,26 @@ class HeartbeatLock:
             text, silent_s = self.path.read_text(), time.time() - self.path.stat().st_mtime
         except OSError:
             return None
-        who, _, since = text.partition("\n")
+        who, _, rest = text.partition("\n")
+        since, _, group = rest.partition("\n")
         host, _, pid = who.partition(":")
         here_and_dead = host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
-        return Holder(who, since.strip(), silent_s, silent_s > STALE_AFTER_S or here_and_dead)
+        earlier_of_group = bool(self.group) and group.strip() == self.group and who != self.me
+        return Holder(who, since.strip(), silent_s, silent_s > STALE_AFTER_S or here_and_dead or earlier_of_group)
+
+    @property
+    def me(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
 
     def claim(self) -> bool:
         """Take the lock: a new one, or one whose holder is gone. False while a live holder has it. The folder it lives
         in must exist."""
-        holder, me = self.holder(), f"{socket.gethostname()}:{os.getpid()}"
-        if holder is not None and (holder.gone or holder.who == me):  # (this process's own: one run after another)
+        holder = self.holder()
+        if holder is not None and (holder.gone or holder.who == self.me):  # (this process's own: one run after another)
             self.path.unlink(missing_ok=True)
         try:
             with self.path.open("x") as f:
-                f.write(f"{me}\n{datetime.now():%Y-%m-%d %H:%M:%S}")
+                f.write(f"{self.me}\n{datetime.now():%Y-%m-%d %H:%M:%S}" + (f"\n{self.group}" if self.group else ""))
         except FileExistsError:
             return False
         self._done = threading.Event()

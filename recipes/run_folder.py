@@ -102,7 +102,8 @@ def hold_folder(
     """Create the folder and take its lock for this run (released when the process leaves, or earlier with the lock's
     release()), on the main process; another run holding it is refused. On a fresh start, an earlier run's files are
     moved aside. Every process must call it."""
-    problem, lock = None, HeartbeatLock(folder / LOCK_NAME)
+    group = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # (torchrun's default id, "none", names no group)
+    problem, lock = None, HeartbeatLock(folder / LOCK_NAME, group="" if group == "none" else group)
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         if lock.claim():
