@@ -4,9 +4,10 @@ output folder. Machines sharing a file system see each other's.
 The file names its holder (host:pid), when it took the lock and the holder's group, if any; the holder touches it
 every HEARTBEAT_S. A lock not touched for STALE_AFTER_S is gone, whatever its pid says (after a restart another
 process may hold that pid), and so is one held by a process of this machine that no longer runs: either is taken
-over, so a crash never leaves a lock that a person must remove. So is one held by an earlier process of the same
-group (a run under torch's elastic agent, named by its rendezvous id): the agent stops a group's processes before
-it starts the next, and a holder on a lost machine would otherwise keep the re-formed group out for STALE_AFTER_S.
+over, so a crash never leaves a lock that a person must remove. A holder of the same group (a run under torch's
+elastic agent, named by its rendezvous id: a group re-formed without a lost machine) is gone after two missed
+heartbeats, and a claim waits that long for it; one that still beats is refused, as any other (a group that formed
+apart from its rendezvous never writes beside it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import NamedTuple
 import psutil
 
 HEARTBEAT_S, STALE_AFTER_S = 10, 60  # a holder touches its lock this often; one silent this long is gone
+GROUP_WAIT_S = 2 * HEARTBEAT_S + 5  # how long a claim waits for a holder of its own group to be gone
 
 
 class Holder(NamedTuple):
@@ -29,6 +31,7 @@ class Holder(NamedTuple):
     since: str  # when it took the lock, or "" when the file does not say
     silent_s: float  # since its last heartbeat
     gone: bool
+    group: str = ""
 
     def describe(self) -> str:
         since = f", since {self.since}" if self.since else ""
@@ -50,8 +53,8 @@ class HeartbeatLock:
         since, _, group = rest.partition("\n")
         host, _, pid = who.partition(":")
         here_and_dead = host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
-        earlier_of_group = bool(self.group) and group.strip() == self.group and who != self.me
-        return Holder(who, since.strip(), silent_s, silent_s > STALE_AFTER_S or here_and_dead or earlier_of_group)
+        group, silent = group.strip(), silent_s > (2 * HEARTBEAT_S if group and group == self.group else STALE_AFTER_S)
+        return Holder(who, since.strip(), silent_s, silent or here_and_dead, group)
 
     @property
     def me(self) -> str:
@@ -60,7 +63,10 @@ class HeartbeatLock:
     def claim(self) -> bool:
         """Take the lock: a new one, or one whose holder is gone. False while a live holder has it. The folder it lives
         in must exist."""
-        holder = self.holder()
+        holder, deadline = self.holder(), time.monotonic() + GROUP_WAIT_S
+        while holder and self.group and holder.group == self.group and not holder.gone and time.monotonic() < deadline:
+            time.sleep(1)  # (an earlier process of this group, maybe on a lost machine: gone once it misses two beats)
+            holder = self.holder()
         if holder is not None and (holder.gone or holder.who == self.me):  # (this process's own: one run after another)
             self.path.unlink(missing_ok=True)
         try:

@@ -276,6 +276,12 @@ CASES = {
         (t / "notes.txt").write_text("notes"), cli("copy", "gpt-pretrain", str(t / "notes.txt" / "project")))[1],
     "cli-copy-into-read-only": lambda t, c: cli("copy", "gpt-pretrain", "/proc/accel-dp/project"),
     "cli-max-restarts-one-process": lambda t, c: cli("run", "gpt-pretrain", "--cpu", "--max-restarts", "2"),
+    "cli-nodes-range-upside-down": lambda t, c: cli(
+        "run", "gpt-pretrain", "--cpu", "--nodes", "3:2", "--main-ip", "127.0.0.1"
+    ),
+    "cli-nodes-range-without-output-dir": lambda t, c: cli(
+        "run", "gpt-pretrain", "--cpu", "--nodes", "1:2", "--main-ip", "127.0.0.1"
+    ),
     "cli-fp16-on-cpu": lambda t, c: cli("run", "gpt-pretrain", "--cpu", "--mixed-precision", "fp16"),
 }  # fmt: skip
 

@@ -104,15 +104,23 @@ def test_a_lock_is_refused_while_its_holder_beats_and_taken_over_once_it_is_gone
     assert (tmp_path / "run.lock").exists()
 
 
-def test_a_lock_held_by_an_earlier_process_of_the_same_elastic_group_is_taken_over_at_once(tmp_path):
-    """A re-formed group's new main process (another machine's, maybe) takes the lock its group's earlier process held
-    (its machine lost: no heartbeat yet missed); another group's, or no group's, beating lock is refused."""
-    (tmp_path / "run.lock").write_text("lost-node:4242\n2026-12-04 03:00:00\naccel-dp-0123")
-    assert not heartbeat_lock.HeartbeatLock(tmp_path / "run.lock").claim()
-    assert not heartbeat_lock.HeartbeatLock(tmp_path / "run.lock", group="accel-dp-other").claim()
-    same_group = heartbeat_lock.HeartbeatLock(tmp_path / "run.lock", group="accel-dp-0123")
+def test_a_lock_held_by_an_earlier_process_of_the_same_elastic_group_is_taken_over_once_it_misses_two_beats(
+    tmp_path, monkeypatch
+):
+    """A re-formed group's new main process (maybe on another machine) takes the lock its group's earlier process held
+    on a lost machine after two missed heartbeats, not sixty seconds; one that still beats is refused (a group formed
+    apart never writes beside it), as is another group's or no group's."""
+    lock_file = tmp_path / "run.lock"
+    lock_file.write_text("lost-node:4242\n2026-12-04 03:00:00\naccel-dp-0123")
+    monkeypatch.setattr(heartbeat_lock, "GROUP_WAIT_S", 0.5)
+    same_group = heartbeat_lock.HeartbeatLock(lock_file, group="accel-dp-0123")
+    assert not same_group.claim()  # still beating
+    silent = time.time() - 2 * heartbeat_lock.HEARTBEAT_S - 1
+    os.utime(lock_file, (silent, silent))
+    assert not heartbeat_lock.HeartbeatLock(lock_file).claim()
+    assert not heartbeat_lock.HeartbeatLock(lock_file, group="accel-dp-other").claim()
     assert same_group.claim()
-    assert (tmp_path / "run.lock").read_text().splitlines()[::2] == [same_group.me, "accel-dp-0123"]
+    assert lock_file.read_text().splitlines()[::2] == [same_group.me, "accel-dp-0123"]
     same_group.release()
 
 
