@@ -2,6 +2,9 @@
 
     python -m accel_dp.runner <accelerate launch arguments>   # what `accel-dp run` and `accel-dp slurm`'s script run
 
+One addition to accelerate's arguments: `--num_machines MIN:MAX` (with `--rdzv_backend c10d`), torchrun's node range
+for `accel-dp run --nodes MIN:MAX`, which accelerate's launcher cannot pass on (`launch_elastic`).
+
 - The exit status is the recipe's: 2 bad input, 75 preempted (a checkpoint was written), 1 a failure; with several
   processes the first that ended on its own (not killed by the launcher's teardown); 128 + N for one killed by
   signal N from outside (137: SIGKILL, the out-of-memory killer), with a line naming its rank. (`accelerate launch`

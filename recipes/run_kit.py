@@ -107,8 +107,6 @@ class Run:
             self.resume.check(self.accelerator, self.layout, recipe)
         self.run_id = self.resume.run if self.resume else new_run_id()
         self.first_step = self.resume.step if self.resume else 0
-        # Under torch's agent, a group re-formed on another number of nodes (one joined: no restart is counted).
-        self.regrouped = bool(self.resume and self.attempt.max_restarts and self.resume.nodes != self.attempt.nodes)
         self.total_steps: int | None = None  # (training() says)
         self.recipe_state: dict | None = None  # the recipe's own, as last handed to save()
 
@@ -153,8 +151,7 @@ class Run:
         self.folder_lock = hold_folder(accelerator, self.output_dir, self.run_id, self.recipe, command, fresh)
         resumed_step = self.resume.step if self.resume else None
         self.log = RunLog(accelerator, self.output_dir, resumed_step, args.tracker_project, vars(args))
-        if self.attempt.number > self.log.last_restart or self.regrouped:
-            log_restart(self.log, self.attempt, self.recipe, self.first_step, self.resume, self.layout)
+        log_restart(self.log, self.attempt, self.recipe, self.first_step, self.resume, self.layout)
         self.meter = Meter(accelerator, self.unit, self.start_time)
         self.local_sgd = LocalSGD(accelerator, model, args.local_sgd_steps)
         folder = CheckpointFolder(self.output_dir / "checkpoints")
@@ -280,8 +277,12 @@ def accumulation_for(args: argparse.Namespace, world_size: int, resume: Resume |
 def log_restart(log: RunLog, attempt: Attempt, recipe: str, step: int, resume: Resume | None, now: Layout) -> None:
     """A restart by torch's elastic agent, or its group re-formed on other nodes (one joined): a line, and a record
     in metrics.jsonl, of when, why, the nodes and layout before and after, where it resumed and how many logged steps
-    it trains again (none known when no checkpoint was written yet: it starts afresh)."""
+    it trains again (none known when no checkpoint was written yet: it starts afresh). Nothing on a start that is
+    neither (a fresh run, a resume by hand)."""
     restarted = attempt.number > log.last_restart
+    # (a group re-formed on more nodes: torch counts no restart)
+    if not restarted and not (resume and attempt.max_restarts and resume.nodes != attempt.nodes):
+        return
     why = attempt.previous_ending() if restarted else "a node joined"
     before = (resume.nodes, resume.layout) if resume else (attempt.nodes, now)
     replayed = max(0, log.last_forgotten_step - step) if resume else None
