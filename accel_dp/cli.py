@@ -302,7 +302,7 @@ def env_command() -> None:
 @app.command("sample")
 def sample_command(
     run_dir: Path = typer.Argument(..., help="A gpt-pretrain run's --output_dir (the saved model and tokenizer)."),
-    prompt: str = typer.Option("\n", "--prompt", help="Text to continue (default: a new line)."),
+    prompt: str = typer.Option("\n", "--prompt", help="Text to continue (default: a new line).", show_default=False),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="How many tokens to generate."),
     temperature: float = typer.Option(
         0.8, "--temperature", help="Lower is more predictable; 0 always takes the likeliest."
