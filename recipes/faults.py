@@ -221,8 +221,8 @@ def run_main(main: Callable, recipe: str) -> None:
     die_with_launcher()
     attempt = Attempt.now()
     attempt.set_aside_previous_lines()
-    if (code := ended_on_purpose()) is not None:
-        leave(code)
+    if ended_on_purpose() is not None:  # (the process or accel-dp that ended it has recorded how, and said so)
+        leave(0)
     try:
         main()
         if several_processes():

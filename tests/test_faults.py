@@ -210,6 +210,19 @@ def test_under_restarts_an_ending_no_restart_mends_exits_0_and_leaves_its_code_t
     assert (marker.read_text() if marker.exists() else None) == recorded
 
 
+def test_a_process_started_after_the_run_ended_on_purpose_leaves_at_once_and_records_nothing(tmp_path):
+    """A restarted process that finds the ending recorded (here accel-dp's, after Ctrl-C) adds no record of its own:
+    accel-dp then knows no process said how the run ended, and says it itself."""
+    (tmp_path / "ended-runner").write_text(str(faults.INTERRUPTED_EXIT_CODE))
+    env = subprocess_env(PYTHONPATH=str(REPO_ROOT / "recipes"), TORCHELASTIC_RESTART_COUNT="1",
+                         TORCHELASTIC_MAX_RESTARTS="2", ACCEL_DP_ERROR_DIR=str(tmp_path), RANK="1",
+                         WORLD_SIZE="2")  # fmt: skip
+    program = "import faults\nfaults.run_main(lambda: print('trained'), 'gpt-pretrain')"
+    result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "trained" not in result.stdout, result.stderr
+    assert [p.name for p in tmp_path.glob("ended-*")] == ["ended-runner"] and not list(tmp_path.glob("rank-*"))
+
+
 def test_a_restart_sets_the_attempt_befores_lines_aside_and_says_why_it_ended(tmp_path, monkeypatch):
     monkeypatch.setenv(faults.ERROR_DIR_VARIABLE, str(tmp_path))
     monkeypatch.setenv("LOCAL_RANK", "0")
