@@ -184,7 +184,8 @@ def run_command(
     try:
         found = get_recipe(recipe)
         recipe_path, recipe_args, restart_dir = found.path, tuple(ctx.args), None
-        max_nodes, min_nodes = parse_nodes(nodes)
+        fewest, most = parse_nodes(nodes)
+        max_nodes, min_nodes = (fewest, None) if most is None else (most, fewest)
         # A restart resumes where the first attempt wrote: a fixed folder, unless the recipe's arguments name one
         # (across nodes the user names it: a folder every node shares).
         if max_restarts and max_nodes == 1 and not has_flag(recipe_args, "--output_dir"):
@@ -386,14 +387,14 @@ def slurm_command(
 
     Example: accel-dp slurm gpt-pretrain --nodes 2 --gpus 8 --time 04:00:00 -- --model_size gpt2 > job.sh
     """
-    from .slurm import SlurmJob, build_sbatch_script, parse_nodes
+    from .slurm import SlurmJob, build_sbatch_script
 
     check_mixed_precision(mixed_precision)
     try:
         found = get_recipe(recipe)
         can_resume = found.accepts_flag("--resume_from_checkpoint")
         default_output = default_output_dir(found.name)
-        min_nodes, max_nodes = parse_nodes(nodes)
+        min_nodes, max_nodes = parse_nodes(nodes, separator="-")
         job = SlurmJob(
             nodes=min_nodes,
             max_nodes=max_nodes,

@@ -117,6 +117,8 @@ def build_launch(
     elastic = options.min_nodes is not None or (options.max_restarts > 0 and options.nodes > 1)
     if options.min_nodes is not None and not 1 <= options.min_nodes <= options.nodes:
         raise UsageError(f"--nodes MIN:MAX needs 1 <= MIN <= MAX, got {options.min_nodes}:{options.nodes}")
+    if options.min_nodes is not None and options.nodes < 2:
+        raise UsageError(f"--nodes MIN:MAX needs MAX of 2 or more, got '{options.min_nodes}:{options.nodes}'")
     restarts = options.max_restarts or (DEFAULT_ELASTIC_RESTARTS if elastic else 0)
     if elastic and not has_flag(options.recipe_args, "--output_dir"):
         raise UsageError(
@@ -189,16 +191,13 @@ def build_launch(
 DEFAULT_ELASTIC_RESTARTS = 3  # --nodes MIN:MAX without --max-restarts: a node lost costs a restart, one joining none
 
 
-def parse_nodes(text: str) -> tuple[int, int | None]:
-    """`--nodes N` or `--nodes MIN:MAX` (torchrun's syntax): (N, None) or (MAX, MIN)."""
-    low, colon, high = text.partition(":")
-    try:
-        nodes = (int(high), int(low)) if colon else (int(text), None)
-    except ValueError:
-        raise UsageError(f"--nodes must be a number of nodes or a range MIN:MAX, got {text!r}") from None
-    if colon and nodes[0] < 2:
-        raise UsageError(f"--nodes MIN:MAX needs MAX of 2 or more, got {text!r}")
-    return nodes
+def parse_nodes(text: str, separator: str = ":") -> tuple[int, int | None]:
+    """`--nodes N`, or a range MIN<separator>MAX (torchrun's `1:4` for accel-dp run, sbatch's `1-4` for accel-dp
+    slurm): (N, None) or (MIN, MAX). Whether the numbers fit the run, build_launch and the sbatch script say."""
+    low, found, high = text.partition(separator)
+    if not low.isdigit() or (found and not high.isdigit()):
+        raise UsageError(f"--nodes must be a number of nodes or a range MIN{separator}MAX, got {text!r}")
+    return int(low), int(high) if found else None
 
 
 def config_processes_per_node(loaded: dict) -> int | None:

@@ -67,14 +67,6 @@ def recipe_arguments(
     return args, True
 
 
-def parse_nodes(text: str) -> tuple[int, int | None]:
-    """`--nodes N` or `--nodes MIN-MAX` (sbatch's own syntax): (N, None) or (MIN, MAX)."""
-    low, _, high = text.partition("-")
-    if not low.isdigit() or (high and not high.isdigit()) or (high and int(high) < int(low)):
-        raise UsageError(f"--nodes must be a number of nodes or a range MIN-MAX, got {text!r}")
-    return int(low), int(high) if high else None
-
-
 def node_command(launch: Launch, per_node: int) -> str:
     """The launch as one shell line in which the per-node flags take their values from shell variables, and the
     number of processes is the allocation's nodes x per_node."""
@@ -99,6 +91,8 @@ def build_sbatch_script(
     accumulation and the recipe's arguments (its topology fields are ignored: the job decides them)."""
     if job.nodes < 1:
         raise UsageError(f"--nodes must be at least 1, got {job.nodes}")
+    if job.max_nodes is not None and job.max_nodes < job.nodes:
+        raise UsageError(f"--nodes must be a number of nodes or a range MIN-MAX, got '{job.nodes}-{job.max_nodes}'")
     if job.cpu and job.gpus_per_node is not None:
         raise UsageError("--gpus and --cpu contradict each other: drop one")
     if not job.cpu and job.gpus_per_node is None:

@@ -199,11 +199,11 @@ def test_a_node_range_is_torchruns_elastic_membership_over_a_c10d_rendezvous_the
 
 
 @pytest.mark.parametrize(
-    "text, expected",
-    [("1", (1, None)), ("4", (4, None)), ("1:2", (2, 1)), ("3:8", (8, 3))],
+    "text, separator, expected",
+    [("1", ":", (1, None)), ("4", ":", (4, None)), ("1:2", ":", (1, 2)), ("3:8", ":", (3, 8)), ("2-4", "-", (2, 4))],
 )
-def test_nodes_is_a_count_or_a_range(text, expected):
-    assert parse_nodes(text) == expected
+def test_nodes_is_a_count_or_a_range(text, separator, expected):
+    assert parse_nodes(text, separator) == expected
 
 
 @pytest.mark.parametrize(
@@ -220,5 +220,6 @@ def test_nodes_is_a_count_or_a_range(text, expected):
 )
 def test_a_bad_node_range_is_one_line(text, options, message):
     with pytest.raises(UsageError, match=re.escape(message)):
-        nodes, min_nodes = parse_nodes(text)
+        fewest, most = parse_nodes(text)
+        nodes, min_nodes = (fewest, None) if most is None else (most, fewest)
         build(cpu=True, procs=1, nodes=nodes, min_nodes=min_nodes, recipe_args=("--output_dir", "o"), **options)
