@@ -29,6 +29,10 @@ from heartbeat_lock import HeartbeatLock
 from messages import first_line, logger
 from training import no_transformers_progress_bars
 
+# The process's umask, read once at import, while no other thread can create a file (reading it means setting it).
+UMASK = os.umask(0)
+os.umask(UMASK)
+
 LOCK_NAME, IDENTITY_NAME, SET_ASIDE_PREFIX = "run.lock", "run.json", "overwritten-"
 
 
@@ -196,9 +200,7 @@ def save_model(accelerator: Accelerator, model, tokenizer, output_dir: Path) -> 
 
 def with_usual_mode(path: Path) -> None:
     """The permissions a new file gets here (0644 under the usual umask): safetensors writes its files 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~UMASK)
 
 
 def no_room(what: str, where: Path, need: int, error: BaseException) -> str:
